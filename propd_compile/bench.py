@@ -1,0 +1,185 @@
+"""`propd bench`: ProPD against Hugging Face greedy `generate`, in one process, interleaved.
+
+Every prompt batch runs each method back to back (order alternating between repeats), so
+machine drift hits all methods alike; speedups are ratios within the same repeat, and the
+reported figure is the median over repeats. Outputs are compared token for token with HF greedy.
+"""
+from __future__ import annotations
+
+import json
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+from tqdm import tqdm
+
+from propd_compile.api import propd_generate
+from propd_compile.config import ProPDConfig
+from propd_compile.prompts import Question, chat_prompt
+
+
+@dataclass
+class MethodRun:
+    method: str
+    batch_size: int
+    seconds: list[float] = field(default_factory=list)  # per repeat, summed over prompt batches
+    new_tokens: int = 0  # per repeat
+    identical_rows: int = 0
+    rows: int = 0
+    row_steps: int = 0
+    accepted_tokens: int = 0
+    tree_nodes: int = 0
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / statistics.median(self.seconds)
+
+    @property
+    def mean_accepted(self) -> float | None:
+        return self.accepted_tokens / self.row_steps if self.row_steps else None
+
+    @property
+    def mean_tree_nodes(self) -> float | None:
+        return self.tree_nodes / self.row_steps if self.row_steps else None
+
+
+def _new_tokens(sequences: torch.Tensor, prompt_len: int, eos: set[int]) -> int:
+    n = 0
+    for row in sequences[:, prompt_len:].tolist():
+        for tok in row:
+            n += 1
+            if tok in eos:
+                break
+    return n
+
+
+def run(
+    model,
+    tokenizer,
+    questions: list[Question],
+    *,
+    batch_sizes: tuple[int, ...] = (1,),
+    max_new_tokens: int = 128,
+    repeats: int = 1,
+    configs: dict[str, ProPDConfig] | None = None,
+    progress: bool = True,
+) -> dict:
+    """Benchmark HF greedy vs each ProPD config; returns a JSON-ready report."""
+    configs = configs or {"propd": ProPDConfig()}
+    hf_generate = type(model).generate  # the original, even on an accelerated model
+    eos = model.generation_config.eos_token_id
+    eos = {eos} if isinstance(eos, int) else set(eos or [])
+    methods: dict[str, Callable] = {
+        "hf_greedy": lambda enc: hf_generate(model, **enc, max_new_tokens=max_new_tokens, do_sample=False)
+    }
+    for name, cfg in configs.items():
+        methods[name] = lambda enc, cfg=cfg: propd_generate(model, config=cfg, **enc, max_new_tokens=max_new_tokens)
+    texts = [chat_prompt(tokenizer, q.turns[0]) for q in questions]
+
+    results: list[MethodRun] = []
+    ratios: dict[tuple[str, int], list[float]] = {}
+    total = len(batch_sizes) * repeats * sum(-(-len(texts) // b) for b in batch_sizes) * len(methods)
+    bar = tqdm(total=total, desc="propd bench", disable=not progress, unit="gen")
+    for bs in batch_sizes:
+        runs = {name: MethodRun(name, bs) for name in methods}
+        batches = [tokenizer(texts[i : i + bs], return_tensors="pt", padding=True) for i in range(0, len(texts), bs)]
+        for rep in range(repeats):
+            secs = dict.fromkeys(methods, 0.0)
+            order = list(methods) if rep % 2 == 0 else list(methods)[::-1]
+            for enc in batches:
+                outputs = {}
+                for name in order:
+                    t = time.perf_counter()
+                    outputs[name] = methods[name](dict(enc))
+                    secs[name] += time.perf_counter() - t
+                    bar.update(1)
+                    run_ = runs[name]
+                    if rep == 0:
+                        P = enc["input_ids"].shape[1]
+                        run_.new_tokens += _new_tokens(outputs[name], P, eos)
+                        if name != "hf_greedy":
+                            st = model.propd_stats
+                            run_.row_steps += st.row_steps
+                            run_.accepted_tokens += sum(st.accepted)
+                            run_.tree_nodes += sum(st.tree_sizes)
+                if rep == 0:
+                    ref = outputs["hf_greedy"]
+                    for name, out in outputs.items():
+                        same = out.shape == ref.shape and bool((out == ref).all())
+                        runs[name].rows += ref.shape[0]
+                        runs[name].identical_rows += (
+                            ref.shape[0] if same else _identical_rows(out, ref)
+                        )
+            for name in methods:
+                runs[name].seconds.append(secs[name])
+                ratios.setdefault((name, bs), []).append(secs["hf_greedy"] / secs[name])
+        results.extend(runs.values())
+    bar.close()
+
+    rows = []
+    for r in results:
+        rows.append(
+            {
+                **{k: v for k, v in asdict(r).items()},
+                "tokens_per_second": r.tokens_per_second,
+                "speedup_vs_hf_greedy": statistics.median(ratios[(r.method, r.batch_size)]),
+                "mean_accepted": r.mean_accepted,
+                "mean_tree_nodes": r.mean_tree_nodes,
+                "identical_rate": r.identical_rows / r.rows if r.rows else None,
+            }
+        )
+    return {
+        "machine": machine_info(),
+        "settings": {
+            "prompts": len(questions),
+            "categories": sorted({q.category for q in questions}),
+            "batch_sizes": list(batch_sizes),
+            "max_new_tokens": max_new_tokens,
+            "repeats": repeats,
+            "configs": {k: asdict(v) for k, v in configs.items()},
+        },
+        "results": rows,
+    }
+
+
+def _identical_rows(out: torch.Tensor, ref: torch.Tensor) -> int:
+    n = 0
+    for a, b in zip(out.tolist(), ref.tolist()):
+        n += a == b
+    return n
+
+
+def machine_info() -> dict:
+    import transformers
+
+    return {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+    }
+
+
+def markdown(report: dict) -> str:
+    lines = [
+        "| method | batch | tokens/s | speedup vs HF greedy | mean accepted | mean tree nodes | identical |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for r in report["results"]:
+        acc = f"{r['mean_accepted']:.2f}" if r["mean_accepted"] else "1.00"
+        nodes = f"{r['mean_tree_nodes']:.1f}" if r["mean_tree_nodes"] else "1"
+        lines.append(
+            f"| {r['method']} | {r['batch_size']} | {r['tokens_per_second']:.1f} | {r['speedup_vs_hf_greedy']:.2f}x "
+            f"| {acc} | {nodes} | {r['identical_rows']}/{r['rows']} |"
+        )
+    return "\n".join(lines)
+
+
+def save(report: dict, path: str) -> None:
+    with open(path, "w") as f:
+        json.dump(report, f, indent=2)

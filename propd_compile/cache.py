@@ -1,0 +1,108 @@
+"""The KV cache the runtime owns: one preallocated buffer, compacted after every step.
+
+Rows of a batch advance by different amounts, so each row keeps its own count of used slots
+(`lengths`) and a validity mask over slots (`valid`: left padding and not-yet-used slots are
+False). A verification step writes the tree of every row at the same slots
+[W, W + T), W = max(lengths), and attention only reads slots the row's mask allows. After
+acceptance, `compact` moves each row's accepted tree entries down to its own
+[length, length + accepted) and marks them valid, so gaps never outlive a step.
+
+Inside the model the cache is a transformers `Cache`: attention layers call `update`, which
+writes through `propd::kv_write` and returns the first W + T slots. W + T is read from the shape
+of the current attention mask, so under `torch.compile(dynamic=True)` it is a symbolic size,
+not a constant that would recompile every step.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import torch
+from transformers.cache_utils import Cache
+
+import propd_compile.kernels  # noqa: F401  (registers torch.ops.propd.*)
+
+
+class TreeKVCache(Cache):
+    def __init__(
+        self,
+        num_layers: int,
+        batch_size: int,
+        num_kv_heads: int,
+        head_dim: int,
+        max_len: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+    ) -> None:
+        super().__init__(layers=[])
+        shape = (batch_size, num_kv_heads, max_len, head_dim)
+        # One tensor per layer, not views of one buffer: aliased graph inputs would send
+        # AOTAutograd down its slow synthetic-base path.
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.max_len = max_len
+        self.valid = torch.zeros((batch_size, max_len), dtype=torch.bool, device=device)
+        self.lengths = [0] * batch_size
+        self.attn_mask: torch.Tensor | None = None  # the current step's 4D mask (sets W + T)
+
+    @classmethod
+    def for_model(cls, model: torch.nn.Module, batch_size: int, max_len: int) -> "TreeKVCache":
+        cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+        heads = cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // heads
+        kv_heads = getattr(cfg, "num_key_value_heads", None) or heads
+        param = next(model.parameters())
+        return cls(cfg.num_hidden_layers, batch_size, kv_heads, head_dim, max_len, param.dtype, param.device)
+
+    # --- the transformers Cache interface used by attention layers -----------------------
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
+        assert self.attn_mask is not None, "TreeKVCache.begin_step must precede a forward"
+        kv_len = self.attn_mask.shape[-1]
+        start = kv_len - key_states.shape[2]
+        torch.ops.propd.kv_write(self.keys[layer_idx], key_states, start)
+        torch.ops.propd.kv_write(self.values[layer_idx], value_states, start)
+        return self.keys[layer_idx][:, :, :kv_len], self.values[layer_idx][:, :, :kv_len]
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:
+        return max(self.lengths)
+
+    def get_max_cache_shape(self, layer_idx: int = 0) -> int:
+        return self.max_len
+
+    @property
+    def is_compileable(self) -> bool:
+        return True
+
+    # --- runtime side ---------------------------------------------------------------------
+    @property
+    def write_start(self) -> int:
+        """W: where the next step's tree goes (the same slots for every row)."""
+        return max(self.lengths)
+
+    def begin_step(self, attn_mask: torch.Tensor) -> None:
+        if attn_mask.shape[-1] > self.max_len:
+            raise RuntimeError(f"KV cache overflow: {attn_mask.shape[-1]} > {self.max_len} slots")
+        self.attn_mask = attn_mask
+
+    def end_step(self) -> None:
+        self.attn_mask = None
+
+    def commit_prefill(self, attention_mask_2d: torch.Tensor) -> None:
+        """The prompt (left padded) now occupies slots [0, P) of every row."""
+        P = attention_mask_2d.shape[1]
+        self.valid[:, :P] = attention_mask_2d.bool()
+        self.lengths = [P] * len(self.lengths)
+
+    def compact(self, row: int, tree_start: int, kept_nodes: Sequence[int]) -> None:
+        """Keep the KV of tree nodes `kept_nodes` (written at tree_start + node) of one row."""
+        if not kept_nodes:
+            return
+        dst0 = self.lengths[row]
+        n = len(kept_nodes)
+        src = torch.tensor(kept_nodes, device=self.valid.device) + tree_start
+        if dst0 + n > self.max_len:
+            raise RuntimeError("KV cache overflow during compaction")
+        for buf in (*self.keys, *self.values):
+            # index_select gathers into a new tensor first: the ranges may overlap
+            buf[row, :, dst0 : dst0 + n] = buf[row].index_select(1, src)
+        self.valid[row, dst0 : dst0 + n] = True
+        self.lengths[row] = dst0 + n

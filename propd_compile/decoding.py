@@ -1,0 +1,211 @@
+"""The lossless greedy tree decoding loop (gpt-fast style: plain functions, tensors in and out).
+
+One step per iteration: every unfinished row drafts a tree rooted at its last token, one forward
+verifies all trees (tree mask, depth-based positions, runtime-owned KV cache), each row accepts
+the longest path whose every token equals the argmax of its parent's logits plus the bonus
+token, and the cache keeps exactly the accepted entries. Every emitted token is the argmax of the
+model's logits given exactly the tokens before it, hence identical to plain greedy decoding.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Sequence
+
+import torch
+
+from propd_compile.cache import TreeKVCache
+from propd_compile.drafters import Drafter
+from propd_compile.tree import TokenTree, TreeBatch
+
+# forward(input_ids [B,T], mask [B,1,T,KV] bool, position_ids [B,T], cache) -> logits [B,T,V]
+Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, TreeKVCache], torch.Tensor]
+
+
+@dataclass
+class DecodeStats:
+    """What one `generate` call did. `mean_accepted` counts tokens per row and verification step,
+    bonus included (plain greedy decoding scores 1.0); the prefill's first token is not a step."""
+
+    new_tokens: int = 0
+    steps: int = 0
+    row_steps: int = 0
+    mean_accepted: float = 0.0
+    mean_tree_nodes: float = 0.0
+    seconds: float = 0.0
+    tree_sizes: list[int] = field(default_factory=list)
+    accepted: list[int] = field(default_factory=list)
+
+    @property
+    def tokens_per_second(self) -> float:
+        return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
+
+    def summary(self) -> dict:
+        out = {k: v for k, v in asdict(self).items() if k not in ("tree_sizes", "accepted")}
+        out["tokens_per_second"] = self.tokens_per_second
+        return out
+
+
+def eager_forward(model: torch.nn.Module) -> Forward:
+    def forward(input_ids, mask, position_ids, cache):
+        return model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True).logits
+
+    return forward
+
+
+def greedy_accept(batch: TreeBatch, pred: torch.Tensor) -> list[list[int]]:
+    """Per row, the accepted root-to-node path (node indices) given pred[b, i] = argmax after node i.
+
+    Node c is accepted iff its parent is accepted and token(c) == pred[parent(c)]; siblings carry
+    distinct tokens, so the accepted nodes form one chain from the root.
+    """
+    parents = batch.parents.clamp(min=0)
+    match = batch.valid & (batch.tokens == pred.gather(1, parents))
+    acc = torch.zeros_like(match)
+    acc[:, 0] = True
+    for d in range(1, int(batch.depths.max()) + 1):
+        acc |= (batch.depths == d) & match & acc.gather(1, parents)
+    deepest = torch.where(acc, batch.depths, -1).argmax(1).tolist()
+    parents_l = batch.parents.tolist()
+    paths = []
+    for b, node in enumerate(deepest):
+        path = []
+        while node != -1:
+            path.append(node)
+            node = parents_l[b][node]
+        paths.append(path[::-1])
+    return paths
+
+
+def _prefill_mask(valid: torch.Tensor) -> torch.Tensor:
+    """Causal + padding mask for a left-padded prompt; padding queries see themselves (no NaN rows)."""
+    P = valid.shape[1]
+    causal = torch.ones(P, P, dtype=torch.bool, device=valid.device).tril()
+    eye = torch.eye(P, dtype=torch.bool, device=valid.device)
+    return (causal & (valid[:, None, :] | eye))[:, None]
+
+
+@torch.no_grad()
+def tree_generate(
+    model: torch.nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    *,
+    max_new_tokens: int,
+    eos_token_ids: Sequence[int],
+    pad_token_id: int,
+    drafter: Drafter,
+    max_tree_nodes: int,
+    forward: Forward | None = None,
+    stopping_criteria: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
+    streamer=None,
+) -> tuple[torch.Tensor, DecodeStats]:
+    """Greedy-decode a left-padded batch with token trees; returns (sequences [B, P + N], stats)."""
+    t0 = time.perf_counter()
+    forward = forward or eager_forward(model)
+    device = input_ids.device
+    B, P = input_ids.shape
+    eos = set(int(e) for e in eos_token_ids)
+    valid_prompt = attention_mask.bool()
+    cache = TreeKVCache.for_model(model, B, P + max_new_tokens + max_tree_nodes + 1)
+    stats = DecodeStats()
+
+    # Prefill: the whole prompt, logits of the last position only.
+    n_real = valid_prompt.sum(1)
+    pos = (valid_prompt.long().cumsum(1) - 1).clamp(min=0)
+    mask = _prefill_mask(valid_prompt)
+    cache.begin_step(mask)
+    logits = model(
+        input_ids=input_ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1
+    ).logits[:, -1]
+    cache.end_step()
+    _check_finite(logits)
+    cache.commit_prefill(attention_mask)
+    if streamer is not None:
+        streamer.put(input_ids.cpu())
+
+    rows = [input_ids[b][valid_prompt[b]].tolist() for b in range(B)]
+    drafter.start(rows)
+    generated: list[list[int]] = [[] for _ in range(B)]
+    done = [False] * B
+    n_real_l = n_real.tolist()
+
+    def emit(b: int, tokens: list[int]) -> list[int]:
+        """Append tokens to row b up to a stop; returns what was appended."""
+        out = []
+        for tok in tokens:
+            generated[b].append(tok)
+            out.append(tok)
+            if (
+                tok in eos
+                or len(generated[b]) >= max_new_tokens
+                or (
+                    stopping_criteria is not None
+                    and bool(stopping_criteria(torch.tensor([input_ids[b].tolist() + generated[b]]), None)[0])
+                )
+            ):
+                done[b] = True
+                break
+        return out
+
+    first = logits.argmax(-1).tolist()
+    for b in range(B):
+        appended = emit(b, [first[b]])
+        drafter.advance(b, appended)
+    if streamer is not None:
+        streamer.put(torch.tensor(first[:1]))
+
+    while not all(done):
+        active = [b for b in range(B) if not done[b]]
+        trees = [
+            drafter.propose(b, max_tree_nodes) if not done[b] else TokenTree.root_only(generated[b][-1])
+            for b in range(B)
+        ]
+        batch = TreeBatch.stack(trees, pad_token=pad_token_id)
+        T = batch.num_nodes
+        W = cache.write_start
+        mask = torch.cat([cache.valid[:, None, :W].expand(B, T, W), batch.ancestors], dim=2)[:, None].to(device)
+        positions = (torch.tensor(n_real_l)[:, None] + batch.depths).to(device)
+        cache.begin_step(mask)
+        logits = forward(batch.tokens.to(device), mask, positions, cache)
+        cache.end_step()
+        _check_finite(logits)
+        pred = logits.argmax(-1).cpu()
+        paths = greedy_accept(batch, pred)
+        stats.steps += 1
+        step_new = []
+        for b in active:
+            path = paths[b]
+            proposal = batch.tokens[b, path[1:]].tolist() + [int(pred[b, path[-1]])]
+            appended = emit(b, proposal)
+            drafter.advance(b, appended)
+            stats.row_steps += 1
+            stats.tree_sizes.append(len(trees[b]))
+            stats.accepted.append(len(appended))
+            step_new.append(appended)
+            if not done[b]:
+                cache.compact(b, W, path)
+                n_real_l[b] += len(path)
+        if streamer is not None and step_new and active[0] == 0:
+            streamer.put(torch.tensor(step_new[0]))
+    if streamer is not None:
+        streamer.end()
+
+    N = max(len(g) for g in generated)
+    out = torch.full((B, P + N), pad_token_id, dtype=input_ids.dtype, device=device)
+    out[:, :P] = input_ids
+    for b, g in enumerate(generated):
+        out[b, P : P + len(g)] = torch.tensor(g, dtype=input_ids.dtype)
+    stats.new_tokens = sum(len(g) for g in generated)
+    stats.mean_accepted = sum(stats.accepted) / max(stats.row_steps, 1)
+    stats.mean_tree_nodes = sum(stats.tree_sizes) / max(stats.row_steps, 1)
+    stats.seconds = time.perf_counter() - t0
+    return out, stats
+
+
+def _check_finite(logits: torch.Tensor) -> None:
+    if not torch.isfinite(logits).all():
+        raise FloatingPointError(
+            "the model produced NaN/inf logits; check the weights and dtype (fp16 overflow: try "
+            "torch_dtype=torch.float32 or bfloat16). Nothing was generated."
+        )

@@ -1,0 +1,44 @@
+"""The embedded SmolLM2-135M-Instruct on real MT-Bench prompts (slower; CI runs them)."""
+import pytest
+import torch
+
+from propd_compile import ProPDConfig, accelerate, models, prompts, restore
+from propd_compile.cli import main
+
+pytestmark = pytest.mark.real_model
+
+
+@pytest.fixture(scope="module")
+def smollm():
+    return models.load()
+
+
+@pytest.mark.parametrize("batch_size", [1, 4])
+def test_identical_to_hf_greedy_on_mt_bench(smollm, batch_size):
+    model, tok = smollm
+    texts = [prompts.chat_prompt(tok, q.turns[0]) for q in prompts.mt_bench_sample(1)[:4]]
+    for i in range(0, len(texts), batch_size):
+        enc = tok(texts[i : i + batch_size], return_tensors="pt", padding=True)
+        ref = model.generate(**enc, max_new_tokens=48, do_sample=False)
+        accelerate(model, ProPDConfig(max_tree_nodes=16))
+        try:
+            out = model.generate(**enc, max_new_tokens=48)
+        finally:
+            restore(model)
+        assert torch.equal(out, ref), tok.batch_decode(torch.cat([out, ref])[:, enc["input_ids"].shape[1]:])
+
+
+def test_embedded_model_loads_from_the_cache(smollm):
+    model, tok = smollm
+    assert type(model).__name__ == "LlamaForCausalLM" and model.config.num_hidden_layers == 30
+    assert tok.padding_side == "left" and tok.pad_token is not None
+    again, _ = models.load()
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
+
+
+def test_bench_quick_smoke(tmp_path, capsys):
+    """`propd bench --quick` runs end to end and checks losslessness (never speed)."""
+    out = tmp_path / "bench.json"
+    assert main(["bench", "--quick", "--json", str(out)]) == 0
+    table = capsys.readouterr().out
+    assert "| propd | 1 |" in table and "| hf_greedy | 1 |" in table and out.exists()
