@@ -1,9 +1,9 @@
 """`accelerate(model)`: the same model object, with `generate` decoding token trees.
 
 `generate` keeps the Hugging Face habits (input_ids, attention_mask, max_new_tokens,
-eos_token_id, stopping_criteria, streamer, generation_config) and refuses, with the fix, what
-would change its output: sampling (for now), beams, and logits processors that need the exact
-token history of every tree node.
+eos_token_id, stopping_criteria, streamer, generation_config, do_sample with temperature, top_k,
+top_p, ...) and refuses, with the fix, what would change its output: beams, and logits processors
+that need the exact token history of every tree node.
 """
 from __future__ import annotations
 
@@ -13,11 +13,24 @@ import types
 from typing import Any, Callable
 
 import torch
-from transformers import GenerationConfig
+from transformers import GenerationConfig, LogitsProcessorList
+from transformers.generation.logits_process import (
+    EpsilonLogitsWarper,
+    EtaLogitsWarper,
+    InfNanRemoveLogitsProcessor,
+    LogitNormalization,
+    MinPLogitsWarper,
+    TemperatureLogitsWarper,
+    TopHLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    TypicalLogitsWarper,
+)
 
 from propd_compile.config import ProPDConfig
-from propd_compile.decoding import DecodeStats, eager_forward, tree_generate
+from propd_compile.decoding import AcceptRule, DecodeStats, eager_forward, greedy_rule, tree_generate
 from propd_compile.drafters import build_drafter
+from propd_compile.sampling import sampling_rule
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 # generation_config fields that add logits processors or change the search: refused unless default.
@@ -47,6 +60,19 @@ _REFUSED_FIELDS = (
     "prompt_lookup_num_tokens",
     "num_return_sequences",
     "stop_strings",
+)
+# Processors whose output depends on the scores alone: one call per tree node needs no history.
+_HISTORY_FREE = (
+    TemperatureLogitsWarper,
+    TopHLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    MinPLogitsWarper,
+    TypicalLogitsWarper,
+    EpsilonLogitsWarper,
+    EtaLogitsWarper,
+    InfNanRemoveLogitsProcessor,
+    LogitNormalization,
 )
 
 
@@ -82,11 +108,6 @@ def _resolve_generation(model, kwargs: dict[str, Any]) -> tuple[GenerationConfig
 
 
 def _refuse_unsupported(gen: GenerationConfig, model_kwargs: dict[str, Any]) -> None:
-    if gen.do_sample:
-        raise NotImplementedError(
-            "propd generate does not sample yet (do_sample=True); pass do_sample=False for lossless greedy "
-            "decoding, or call propd_compile.restore(model) to sample with the original generate"
-        )
     default = GenerationConfig()
     bad = [f for f in _REFUSED_FIELDS if getattr(gen, f, None) != getattr(default, f, None)]
     if bad:
@@ -103,10 +124,35 @@ def _refuse_unsupported(gen: GenerationConfig, model_kwargs: dict[str, Any]) -> 
         raise NotImplementedError("propd generate does not take logits processors (they could change the output)")
 
 
+def _accept_rule(
+    model: torch.nn.Module, gen: GenerationConfig, config: ProPDConfig, generator: torch.Generator | None, device
+) -> AcceptRule:
+    """Greedy, or sampling through the processors HF's own generate would build for `gen`."""
+    if not gen.do_sample:
+        return greedy_rule
+    processors = model._get_logits_processor(gen, device=device)
+    history = [type(p).__name__ for p in processors if not isinstance(p, _HISTORY_FREE)]
+    if history:
+        raise NotImplementedError(
+            f"propd generate does not support the logits processors {history}: their output depends on the "
+            "token history of each tree node; unset the options that add them, or call "
+            "propd_compile.restore(model) to use the original generate"
+        )
+    return sampling_rule(
+        LogitsProcessorList(processors), generator, config.acceptance, config.posterior_threshold, config.posterior_alpha
+    )
+
+
 def propd_generate(
-    model: torch.nn.Module, inputs: torch.Tensor | None = None, config: ProPDConfig | None = None, **kwargs: Any
+    model: torch.nn.Module,
+    inputs: torch.Tensor | None = None,
+    config: ProPDConfig | None = None,
+    generator: torch.Generator | None = None,
+    **kwargs: Any,
 ):
-    """Token-identical to `model.generate(..., do_sample=False)`, decoded with token trees."""
+    """Token-identical to `model.generate(..., do_sample=False)`, decoded with token trees; with
+    `do_sample=True`, distributed exactly as the model's sampling (unless config.acceptance is
+    "typical"). `generator` seeds the draws; without it they come from torch's global RNG."""
     config = config or getattr(model, "_propd_config", None) or ProPDConfig()
     input_ids = kwargs.pop("input_ids", inputs)
     if input_ids is None:
@@ -134,7 +180,9 @@ def propd_generate(
         pad = eos_ids[0] if eos_ids else 0
     stopping = model_kwargs.get("stopping_criteria") or None
 
-    forward = forward_for(model, config)
+    accept = _accept_rule(model, gen, config, generator, input_ids.device)
+    drafter = build_drafter(config, model)
+    forward = forward_for(model, config, hidden=drafter.needs_hidden)
     sequences, stats = tree_generate(
         model,
         input_ids,
@@ -142,11 +190,12 @@ def propd_generate(
         max_new_tokens=max_new,
         eos_token_ids=eos_ids,
         pad_token_id=pad,
-        drafter=build_drafter(config),
+        drafter=drafter,
         max_tree_nodes=config.max_tree_nodes,
         forward=forward,
         stopping_criteria=stopping,
         streamer=model_kwargs.get("streamer"),
+        accept=accept,
     )
     model.propd_stats = stats
     if gen.return_dict_in_generate:
@@ -213,22 +262,25 @@ def accelerate(model: Any = None, config: ProPDConfig | None = None):
     return model
 
 
-def forward_for(model: torch.nn.Module, config: ProPDConfig) -> Callable:
-    """The verification forward for `config`: eager, or compiled once per model and options."""
+def forward_for(model: torch.nn.Module, config: ProPDConfig, hidden: bool = False) -> Callable:
+    """The verification forward for `config`: eager, or compiled once per model and options.
+
+    With `hidden` it returns (logits, last hidden state), for drafters that read the hidden state.
+    """
     if not config.compile:
-        return eager_forward(model)
+        return eager_forward(model, hidden=hidden)
     from propd_compile.runtime_compile import compiled_forward
 
-    key = repr(sorted(config.backend_options.items()))
+    key = repr(sorted(config.backend_options.items())) + (" hidden" if hidden else "")
     cache = vars(model).setdefault("_propd_forwards", {})
     if key not in cache:
-        cache[key] = compiled_forward(model, config)
+        cache[key] = compiled_forward(model, config, hidden=hidden) if hidden else compiled_forward(model, config)
     return cache[key]
 
 
 def restore(model: torch.nn.Module) -> torch.nn.Module:
     """Undo `accelerate`: the original `generate` comes back."""
-    for attr in ("generate", "_propd_config", "_propd_forwards", "propd_stats"):
+    for attr in ("generate", "_propd_config", "_propd_forwards", "propd_stats", "_propd_heads", "_propd_shipped_heads"):
         if attr in vars(model):
             delattr(model, attr)
     return model

@@ -1,8 +1,9 @@
 """`propd bench`: ProPD against Hugging Face greedy `generate`, in one process, interleaved.
 
 Every prompt batch runs each method back to back (order alternating between repeats), so
-machine drift hits all methods alike; speedups are ratios within the same repeat, and the
-reported figure is the median over repeats. Outputs are compared token for token with HF greedy.
+machine drift hits all methods alike. The speedup is the median, over prompt batches and
+repeats, of the same-batch time ratio to HF greedy; tokens/s is total new tokens over total
+time (median over repeats). Outputs are compared token for token with HF greedy.
 """
 from __future__ import annotations
 
@@ -78,10 +79,11 @@ def run(
     for name, cfg in configs.items():
         methods[name] = lambda enc, cfg=cfg: propd_generate(model, config=cfg, **enc, max_new_tokens=max_new_tokens)
     texts = [chat_prompt(tokenizer, q.turns[0]) for q in questions]
+    compile_info = _warm_up_compiled(model, configs, batch_sizes)
 
     results: list[MethodRun] = []
     ratios: dict[tuple[str, int], list[float]] = {}
-    total = len(batch_sizes) * repeats * sum(-(-len(texts) // b) for b in batch_sizes) * len(methods)
+    total = repeats * sum(-(-len(texts) // b) for b in batch_sizes) * len(methods)
     bar = tqdm(total=total, desc="propd bench", disable=not progress, unit="gen")
     for bs in batch_sizes:
         runs = {name: MethodRun(name, bs) for name in methods}
@@ -90,11 +92,12 @@ def run(
             secs = dict.fromkeys(methods, 0.0)
             order = list(methods) if rep % 2 == 0 else list(methods)[::-1]
             for enc in batches:
-                outputs = {}
+                outputs, batch_secs = {}, {}
                 for name in order:
                     t = time.perf_counter()
                     outputs[name] = methods[name](dict(enc))
-                    secs[name] += time.perf_counter() - t
+                    batch_secs[name] = time.perf_counter() - t
+                    secs[name] += batch_secs[name]
                     bar.update(1)
                     run_ = runs[name]
                     if rep == 0:
@@ -105,6 +108,8 @@ def run(
                             run_.row_steps += st.row_steps
                             run_.accepted_tokens += sum(st.accepted)
                             run_.tree_nodes += sum(st.tree_sizes)
+                for name in methods:
+                    ratios.setdefault((name, bs), []).append(batch_secs["hf_greedy"] / batch_secs[name])
                 if rep == 0:
                     ref = outputs["hf_greedy"]
                     for name, out in outputs.items():
@@ -115,7 +120,6 @@ def run(
                         )
             for name in methods:
                 runs[name].seconds.append(secs[name])
-                ratios.setdefault((name, bs), []).append(secs["hf_greedy"] / secs[name])
         results.extend(runs.values())
     bar.close()
 
@@ -131,8 +135,13 @@ def run(
                 "identical_rate": r.identical_rows / r.rows if r.rows else None,
             }
         )
+    if compile_info:
+        from torch._dynamo.utils import counters
+
+        compile_info["graphs_compiled_while_decoding"] = counters["stats"]["unique_graphs"] - compile_info.pop("_graphs")
     return {
         "machine": machine_info(),
+        "compile": compile_info,
         "settings": {
             "prompts": len(questions),
             "categories": sorted({q.category for q in questions}),
@@ -143,6 +152,21 @@ def run(
         },
         "results": rows,
     }
+
+
+def _warm_up_compiled(model, configs: dict[str, ProPDConfig], batch_sizes: tuple[int, ...]) -> dict:
+    """Compile the graphs of compiled configs before timing; returns compile time and graph count."""
+    from torch._dynamo.utils import counters
+
+    from propd_compile.runtime_compile import warm_up
+
+    compiled = [c for c in configs.values() if c.compile]
+    if not compiled:
+        return {}
+    t = time.perf_counter()
+    for cfg in compiled:
+        warm_up(model, cfg, tuple(sorted({1 if b == 1 else 2 for b in batch_sizes})))
+    return {"warm_up_seconds": time.perf_counter() - t, "_graphs": counters["stats"]["unique_graphs"]}
 
 
 def _identical_rows(out: torch.Tensor, ref: torch.Tensor) -> int:
@@ -183,3 +207,43 @@ def markdown(report: dict) -> str:
 def save(report: dict, path: str) -> None:
     with open(path, "w") as f:
         json.dump(report, f, indent=2)
+
+
+def verify_latency(
+    model, forwards: dict[str, Callable], sizes=(1, 4, 8, 16, 32, 64), kv_len: int = 200, batch: int = 1, repeats: int = 7
+) -> dict:
+    """Median latency of one verification forward per tree size (a chain-shaped tree mask over a
+    KV cache of `kv_len` tokens), for each forward, interleaved; plus ratios to the first forward."""
+    from propd_compile.cache import TreeKVCache
+
+    vocab = model.get_output_embeddings().weight.shape[0]
+    gen = torch.Generator().manual_seed(0)
+    out: dict[str, dict[int, float]] = {name: {} for name in forwards}
+    with torch.no_grad():
+        for T in sizes:
+            times: dict[str, list[float]] = {name: [] for name in forwards}
+            tokens = torch.randint(0, vocab, (batch, T), generator=gen)
+            tree = torch.ones(T, T, dtype=torch.bool).tril()
+            mask = torch.cat([torch.ones(batch, T, kv_len, dtype=torch.bool), tree.repeat(batch, 1, 1)], 2)[:, None]
+            positions = (kv_len + torch.arange(T)).repeat(batch, 1)
+            for rep in range(repeats + 1):  # the first round warms up
+                for name, fwd in forwards.items():
+                    cache = TreeKVCache.for_model(model, batch, kv_len + T + 1)
+                    cache.lengths = [kv_len] * batch
+                    cache.begin_step(mask)
+                    t = time.perf_counter()
+                    fwd(tokens, mask, positions, cache)
+                    dt = time.perf_counter() - t
+                    cache.end_step()
+                    if rep:
+                        times[name].append(dt)
+            for name in forwards:
+                out[name][T] = statistics.median(times[name])
+    first = next(iter(forwards))
+    return {
+        "kv_len": kv_len,
+        "batch": batch,
+        "ms": {n: {T: 1e3 * s for T, s in d.items()} for n, d in out.items()},
+        "vs_T1": {n: {T: s / d[sizes[0]] for T, s in d.items()} for n, d in out.items()},
+        f"ratio_to_{first}": {n: {T: out[first][T] / s for T, s in d.items()} for n, d in out.items()},
+    }

@@ -13,12 +13,18 @@ from propd_compile.models import DEFAULT_MODEL
 
 
 def _config(args) -> ProPDConfig:
-    return ProPDConfig(max_tree_nodes=args.tree_nodes, tree=args.tree, compile=args.compile)
+    return ProPDConfig(
+        max_tree_nodes=args.tree_nodes, tree=args.tree, compile=args.compile, heads=args.heads,
+        drafters=tuple(args.drafters) if args.drafters else None,
+    )
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="embedded model name or a Hugging Face path")
-    p.add_argument("--tree", default="ngram", choices=["ngram", "chain"])
+    p.add_argument("--tree", default="ngram", choices=["ngram", "chain", "medusa"])
+    p.add_argument("--heads", default=None, help="draft heads directory (default: heads shipped for the model)")
+    p.add_argument("--drafters", nargs="+", default=None, choices=["ngram", "heads"],
+                   help="drafters to fuse (default: heads + ngram when heads are available, else ngram)")
     p.add_argument("--tree-nodes", type=int, default=ProPDConfig.max_tree_nodes, help="node budget per step")
     p.add_argument("--compile", action="store_true", help="verify through torch.compile(backend='propd')")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
@@ -46,15 +52,46 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_latency(args, model) -> int:
+    """Verification-step latency per tree size: eager vs backend="propd", same run."""
+    import time
+
+    from propd_compile import bench
+    from propd_compile.api import forward_for
+    from propd_compile.decoding import eager_forward
+    from propd_compile.runtime_compile import warm_up
+
+    config = ProPDConfig(compile=True)
+    t = time.perf_counter()
+    warm_up(model, config, batch_sizes=(args.batch_sizes[0],))
+    compile_s = time.perf_counter() - t
+    report = bench.verify_latency(
+        model, {"eager": eager_forward(model), "propd": forward_for(model, config)},
+        kv_len=args.kv_len, batch=args.batch_sizes[0], repeats=args.repeats,
+    )
+    report["first_compile_seconds"] = compile_s
+    report["machine"] = bench.machine_info()
+    report["command"] = "propd " + " ".join(sys.argv[1:])
+    print(f"first compile (root-only + tree graphs): {compile_s:.1f} s")
+    print("| tree nodes | eager ms | propd ms | speedup |\n|---|---|---|---|")
+    for T, ms in report["ms"]["eager"].items():
+        print(f"| {T} | {ms:.1f} | {report['ms']['propd'][T]:.1f} | {report['ratio_to_eager']['propd'][T]:.2f}x |")
+    if args.json:
+        bench.save(report, args.json)
+    return 0
+
+
 def cmd_bench(args) -> int:
     from propd_compile import bench, models, prompts
 
     model, tok = models.load(args.model)
+    if args.latency:
+        return cmd_latency(args, model)
     if args.quick:
         questions = prompts.mt_bench_sample(1)
         batch_sizes, max_new, repeats = (1,), 32, 1
     else:
-        questions = prompts.mt_bench_sample(args.per_category)
+        questions = prompts.mt_bench_sample(args.per_category)[: args.prompts]
         batch_sizes, max_new, repeats = tuple(args.batch_sizes), args.max_new_tokens, args.repeats
     report = bench.run(
         model, tok, questions, batch_sizes=batch_sizes, max_new_tokens=max_new, repeats=repeats,
@@ -62,12 +99,36 @@ def cmd_bench(args) -> int:
     )
     report["settings"]["command"] = "propd " + " ".join(sys.argv[1:])
     print(bench.markdown(report))
+    if report["compile"]:
+        print(f"[propd] compiled: warm-up {report['compile']['warm_up_seconds']:.1f} s, "
+              f"{report['compile']['graphs_compiled_while_decoding']} graphs compiled while decoding")
     if args.json:
         bench.save(report, args.json)
     failed = [r for r in report["results"] if r["identical_rate"] != 1.0]
     if failed:
         print(f"[propd] NOT LOSSLESS: {[(r['method'], r['batch_size']) for r in failed]}", file=sys.stderr)
         return 1
+    return 0
+
+
+def cmd_train_heads(args) -> int:
+    import json
+
+    from propd_compile import models
+    from propd_compile.train_heads import TrainSettings, train_heads
+
+    model, tok = models.load(args.model)
+    settings = TrainSettings(
+        num_heads=args.num_heads, num_prompts=args.prompts, prompt_tokens=args.prompt_tokens,
+        answer_tokens=args.answer_tokens, gen_batch_size=args.gen_batch_size, epochs=args.epochs,
+        batch_size=args.batch_size, lr=args.lr, own_projection=args.own_projection, save_dtype=args.save_dtype,
+        seed=args.seed,
+    )
+    report = train_heads(model, args.out, tokenizer=tok, settings=settings, model_name=args.model)
+    print(json.dumps({k: report[k] for k in ("top1", "top5", "train_positions", "held_out_positions", "total_seconds")
+                      if k in report} | {"prompts": report.get("prompts"), "answers": report.get("answers"),
+                                         "step_seconds": report.get("step_seconds")}, indent=1))
+    print(f"[propd] heads saved to {args.out}; use them with ProPDConfig(heads={str(args.out)!r})", file=sys.stderr)
     return 0
 
 
@@ -83,12 +144,34 @@ def main(argv: list[str] | None = None) -> int:
     b = sub.add_parser("bench", help="ProPD vs HF greedy generate on MT-Bench turn 1 (same run, identical-output check)")
     b.add_argument("--quick", action="store_true", help="8 prompts, 32 tokens, batch 1: a smoke test")
     b.add_argument("--per-category", type=int, default=2, help="MT-Bench questions per category (10 = all)")
+    b.add_argument("--prompts", type=int, default=None, help="use only the first N sampled questions")
     b.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
     b.add_argument("--max-new-tokens", type=int, default=128)
     b.add_argument("--repeats", type=int, default=3)
     b.add_argument("--json", help="write the report here")
+    b.add_argument("--latency", action="store_true", help="verification latency per tree size, eager vs compiled")
+    b.add_argument("--kv-len", type=int, default=200, help="KV cache length for --latency")
     _add_common(b)
     b.set_defaults(func=cmd_bench)
+    from propd_compile.train_heads import TrainSettings
+
+    d = TrainSettings()
+    t = sub.add_parser("train-heads", help="train Medusa draft heads by self-distillation (offline, resumable)")
+    t.add_argument("--model", default=DEFAULT_MODEL, help="embedded model name or a Hugging Face path")
+    t.add_argument("--out", required=True, help="output directory (rerun with the same --out to resume)")
+    t.add_argument("--num-heads", type=int, default=d.num_heads)
+    t.add_argument("--prompts", type=int, default=d.num_prompts, help="self-written prompts to answer")
+    t.add_argument("--prompt-tokens", type=int, default=d.prompt_tokens, help="longest sampled prompt")
+    t.add_argument("--answer-tokens", type=int, default=d.answer_tokens, help="longest greedy answer")
+    t.add_argument("--gen-batch-size", type=int, default=d.gen_batch_size)
+    t.add_argument("--epochs", type=int, default=d.epochs)
+    t.add_argument("--batch-size", type=int, default=d.batch_size, help="training positions per step")
+    t.add_argument("--lr", type=float, default=d.lr)
+    t.add_argument("--own-projection", action="store_true", help="a trainable LM-head copy per head (large)")
+    t.add_argument("--save-dtype", default=d.save_dtype, choices=["float16", "bfloat16", "float32"])
+    t.add_argument("--seed", type=int, default=d.seed)
+    t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    t.set_defaults(func=cmd_train_heads)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,10 +1,12 @@
-"""The lossless greedy tree decoding loop (gpt-fast style: plain functions, tensors in and out).
+"""The tree decoding loop (gpt-fast style: plain functions, tensors in and out).
 
 One step per iteration: every unfinished row drafts a tree rooted at its last token, one forward
-verifies all trees (tree mask, depth-based positions, runtime-owned KV cache), each row accepts
-the longest path whose every token equals the argmax of its parent's logits plus the bonus
-token, and the cache keeps exactly the accepted entries. Every emitted token is the argmax of the
-model's logits given exactly the tokens before it, hence identical to plain greedy decoding.
+verifies all trees (tree mask, depth-based positions, runtime-owned KV cache), an acceptance rule
+picks each row's accepted root-to-node path and the bonus token after it, and the cache keeps
+exactly the accepted entries. The rule is a parameter: `greedy_rule` (here) accepts the longest
+path whose every token equals the argmax of its parent's logits, so every emitted token is the
+argmax given exactly the tokens before it, hence identical to plain greedy decoding;
+`propd_compile.sampling` holds the sampling rules.
 """
 from __future__ import annotations
 
@@ -20,6 +22,8 @@ from propd_compile.tree import TokenTree, TreeBatch
 
 # forward(input_ids [B,T], mask [B,1,T,KV] bool, position_ids [B,T], cache) -> logits [B,T,V]
 Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, TreeKVCache], torch.Tensor]
+# accept(trees, logits [B,T,V]) -> (per row: accepted root-to-node path, bonus token after it)
+AcceptRule = Callable[[TreeBatch, torch.Tensor], tuple[list[list[int]], list[int]]]
 
 
 @dataclass
@@ -46,9 +50,27 @@ class DecodeStats:
         return out
 
 
-def eager_forward(model: torch.nn.Module) -> Forward:
+def eager_forward(model: torch.nn.Module, hidden: bool = False) -> Forward:
+    """The model's own forward; with `hidden`, returns (logits, last hidden state) instead."""
+    if hidden:
+        return hidden_forward(model)
+
     def forward(input_ids, mask, position_ids, cache):
         return model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True).logits
+
+    return forward
+
+
+def hidden_forward(model: torch.nn.Module) -> Forward:
+    """(logits, hidden): the base model's final-norm hidden states and its LM head on them, which
+    is what the causal-LM forward computes, so the hidden states cost nothing extra (drafters
+    with `needs_hidden` use them; `heads.check_hidden_logits` refuses models that differ)."""
+    base, lm_head = model.base_model, model.get_output_embeddings()
+
+    def forward(input_ids, mask, position_ids, cache):
+        h = base(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True)
+        h = h.last_hidden_state
+        return lm_head(h), h
 
     return forward
 
@@ -59,22 +81,14 @@ def greedy_accept(batch: TreeBatch, pred: torch.Tensor) -> list[list[int]]:
     Node c is accepted iff its parent is accepted and token(c) == pred[parent(c)]; siblings carry
     distinct tokens, so the accepted nodes form one chain from the root.
     """
-    parents = batch.parents.clamp(min=0)
-    match = batch.valid & (batch.tokens == pred.gather(1, parents))
-    acc = torch.zeros_like(match)
-    acc[:, 0] = True
-    for d in range(1, int(batch.depths.max()) + 1):
-        acc |= (batch.depths == d) & match & acc.gather(1, parents)
-    deepest = torch.where(acc, batch.depths, -1).argmax(1).tolist()
-    parents_l = batch.parents.tolist()
-    paths = []
-    for b, node in enumerate(deepest):
-        path = []
-        while node != -1:
-            path.append(node)
-            node = parents_l[b][node]
-        paths.append(path[::-1])
-    return paths
+    return batch.longest_paths(batch.tokens == pred.gather(1, batch.parents.clamp(min=0)))
+
+
+def greedy_rule(batch: TreeBatch, logits: torch.Tensor) -> tuple[list[list[int]], list[int]]:
+    """Greedy acceptance; the bonus token is the argmax after the last accepted node."""
+    pred = logits.argmax(-1).cpu()
+    paths = greedy_accept(batch, pred)
+    return paths, [int(pred[b, path[-1]]) for b, path in enumerate(paths)]
 
 
 def _prefill_mask(valid: torch.Tensor) -> torch.Tensor:
@@ -99,10 +113,16 @@ def tree_generate(
     forward: Forward | None = None,
     stopping_criteria: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
     streamer=None,
+    accept: AcceptRule = greedy_rule,
 ) -> tuple[torch.Tensor, DecodeStats]:
-    """Greedy-decode a left-padded batch with token trees; returns (sequences [B, P + N], stats)."""
+    """Decode a left-padded batch with token trees; returns (sequences [B, P + N], stats).
+
+    `accept` decides what each step emits (greedy by default); the token after the prompt is the
+    bonus token of a root-only tree, so the rule also picks it.
+    """
     t0 = time.perf_counter()
-    forward = forward or eager_forward(model)
+    needs_hidden = getattr(drafter, "needs_hidden", False)
+    forward = forward or eager_forward(model, hidden=needs_hidden)
     device = input_ids.device
     B, P = input_ids.shape
     eos = set(int(e) for e in eos_token_ids)
@@ -115,9 +135,15 @@ def tree_generate(
     pos = (valid_prompt.long().cumsum(1) - 1).clamp(min=0)
     mask = _prefill_mask(valid_prompt)
     cache.begin_step(mask)
-    logits = model(
-        input_ids=input_ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1
-    ).logits[:, -1]
+    if needs_hidden:
+        hidden = model.base_model(
+            input_ids=input_ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True
+        ).last_hidden_state[:, -1]
+        logits = model.get_output_embeddings()(hidden)
+    else:
+        logits = model(
+            input_ids=input_ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1
+        ).logits[:, -1]
     cache.end_step()
     _check_finite(logits)
     cache.commit_prefill(attention_mask)
@@ -148,10 +174,12 @@ def tree_generate(
                 break
         return out
 
-    first = logits.argmax(-1).tolist()
+    _, first = accept(TreeBatch.stack([TokenTree.root_only(int(t)) for t in input_ids[:, -1]]), logits[:, None])
     for b in range(B):
         appended = emit(b, [first[b]])
         drafter.advance(b, appended)
+    if needs_hidden:
+        _give_hidden(drafter, done, hidden, [-1] * B)
     if streamer is not None:
         streamer.put(torch.tensor(first[:1]))
 
@@ -169,14 +197,19 @@ def tree_generate(
         cache.begin_step(mask)
         logits = forward(batch.tokens.to(device), mask, positions, cache)
         cache.end_step()
+        if needs_hidden:
+            if not isinstance(logits, tuple):
+                raise TypeError("the drafter needs hidden states: the forward must return (logits, hidden)")
+            logits, hidden = logits
+        elif isinstance(logits, tuple):
+            logits = logits[0]
         _check_finite(logits)
-        pred = logits.argmax(-1).cpu()
-        paths = greedy_accept(batch, pred)
+        paths, bonus = accept(batch, logits)
         stats.steps += 1
         step_new = []
         for b in active:
             path = paths[b]
-            proposal = batch.tokens[b, path[1:]].tolist() + [int(pred[b, path[-1]])]
+            proposal = batch.tokens[b, path[1:]].tolist() + [bonus[b]]
             appended = emit(b, proposal)
             drafter.advance(b, appended)
             stats.row_steps += 1
@@ -186,6 +219,8 @@ def tree_generate(
             if not done[b]:
                 cache.compact(b, W, path)
                 n_real_l[b] += len(path)
+        if needs_hidden:
+            _give_hidden(drafter, done, hidden, [paths[b][-1] for b in range(B)])
         if streamer is not None and step_new and active[0] == 0:
             streamer.put(torch.tensor(step_new[0]))
     if streamer is not None:
@@ -201,6 +236,18 @@ def tree_generate(
     stats.mean_tree_nodes = sum(stats.tree_sizes) / max(stats.row_steps, 1)
     stats.seconds = time.perf_counter() - t0
     return out, stats
+
+
+def _give_hidden(drafter: Drafter, done: list[bool], hidden: torch.Tensor, nodes: list[int]) -> None:
+    """Hand each unfinished row's hidden state at `nodes[b]` (its last accepted node) to the drafter."""
+    rows = [b for b in range(len(done)) if not done[b]]
+    if rows:
+        idx = torch.tensor(rows, device=hidden.device)
+        if hidden.dim() == 3:
+            hidden = hidden[idx, torch.tensor([nodes[b] for b in rows], device=hidden.device)]
+        else:
+            hidden = hidden[idx]
+        drafter.set_hidden(rows, hidden)
 
 
 def _check_finite(logits: torch.Tensor) -> None:

@@ -14,6 +14,14 @@ from propd_compile.tree import TokenTree
 
 
 class Drafter(ABC):
+    # Drafters that read the base model's last hidden state (draft heads) set this; the decode
+    # loop then calls `set_hidden` after every step with the hidden state of each unfinished
+    # row's last accepted node (the one whose logits gave the row's newest token).
+    needs_hidden: bool = False
+
+    def set_hidden(self, rows: Sequence[int], hidden) -> None:
+        """hidden [len(rows), H]: the final-norm hidden state that predicted each row's last token."""
+
     @abstractmethod
     def start(self, sequences: Sequence[Sequence[int]]) -> None:
         """Reset per-row state for a new batch; each sequence is one row's prompt (no padding)."""
@@ -42,14 +50,14 @@ class _SuffixIndex:
             for n in range(1, min(self.n_max, end) + 1):
                 self.follow[n].setdefault(tuple(self.tokens[end - n : end]), []).append(end)
 
-    def continuations(self, depth: int, per_n: int) -> list[tuple[list[int], float]]:
+    def continuations(self, depth: int, per_n: int, n_min: int = 1) -> list[tuple[list[int], float]]:
         """Continuations of the earlier occurrences of the current suffix, weighted n**2.
 
         Longer matching suffixes are stronger evidence; the most recent occurrences come first.
         """
         end = len(self.tokens)
         out: list[tuple[list[int], float]] = []
-        for n in range(min(self.n_max, end), 0, -1):
+        for n in range(min(self.n_max, end), n_min - 1, -1):
             starts = self.follow[n].get(tuple(self.tokens[end - n :]), [])
             taken = 0
             for s in reversed(starts):
@@ -72,8 +80,10 @@ class NGramDrafter(Drafter):
     A node's score is the share of evidence weight that agrees with its whole path.
     """
 
-    def __init__(self, n_max: int = 4, max_depth: int = 6, per_n: int = 8, branching: bool = True) -> None:
-        self.n_max, self.max_depth, self.per_n, self.branching = n_max, max_depth, per_n, branching
+    def __init__(
+        self, n_max: int = 4, max_depth: int = 6, per_n: int = 8, branching: bool = True, n_min: int = 1
+    ) -> None:
+        self.n_max, self.max_depth, self.per_n, self.branching, self.n_min = n_max, max_depth, per_n, branching, n_min
         self.rows: list[_SuffixIndex] = []
 
     def start(self, sequences: Sequence[Sequence[int]]) -> None:
@@ -91,7 +101,7 @@ class NGramDrafter(Drafter):
         root = index.tokens[-1]
         if budget <= 1 or self.max_depth == 0:
             return TokenTree.root_only(root)
-        paths = index.continuations(self.max_depth, self.per_n)
+        paths = index.continuations(self.max_depth, self.per_n, self.n_min)
         if not paths:
             return TokenTree.root_only(root)
         if not self.branching:
@@ -101,7 +111,117 @@ class NGramDrafter(Drafter):
         return TokenTree.from_paths(root, [(p, w / total) for p, w in paths], budget)
 
 
-def build_drafter(config) -> Drafter:  # config: ProPDConfig (imported lazily to avoid a cycle)
+class HeadsDrafter(Drafter):
+    """Drafts from Medusa heads (`propd_compile.heads`) on the last accepted node's hidden state.
+
+    Head d's top-k tokens are the candidates at depth d + 1 below the root (the root is the row's
+    newest token, which the base LM head on the same hidden state produced). Dynamic trees take
+    the node-budget paths with the largest products of head softmax probabilities, best first;
+    `static_paths` (Medusa's fixed sparse tree, rank paths from calibrated accuracies) fixes the
+    shape and fills in each step's rank-r tokens.
+    """
+
+    needs_hidden = True
+
+    def __init__(self, heads, lm_head, max_depth: int, topk: int = 8, static_paths=None) -> None:
+        self.heads, self.lm_head = heads, lm_head
+        self.depth = min(heads.num_heads, max_depth)
+        if static_paths is not None:
+            self.depth = min(self.depth, max((len(p) for p, _ in static_paths), default=0))
+            static_paths = [(p, s) for p, s in static_paths if len(p) <= self.depth]  # ancestors come first
+            topk = max((max(p) + 1 for p, _ in static_paths), default=1)
+        self.topk, self.static_paths = topk, static_paths
+        self.last: list[int] = []
+        self.top: list[tuple[list[list[float]], list[list[int]]] | None] = []
+
+    def start(self, sequences: Sequence[Sequence[int]]) -> None:
+        self.last = [int(s[-1]) for s in sequences]
+        self.top = [None] * len(sequences)
+
+    def advance(self, row: int, tokens: Sequence[int]) -> None:
+        if tokens:
+            self.last[row] = int(tokens[-1])
+            self.top[row] = None  # the hidden state for the new root comes with set_hidden
+
+    def set_hidden(self, rows: Sequence[int], hidden) -> None:
+        import torch
+
+        if self.depth == 0 or not rows:
+            return
+        with torch.no_grad():
+            logits = self.heads(hidden, self.lm_head, num_heads=self.depth)  # [R, D, V]
+            probs, ids = logits.float().softmax(-1).topk(min(self.topk, logits.shape[-1]), dim=-1)
+        probs, ids = probs.cpu().tolist(), ids.cpu().tolist()
+        for i, row in enumerate(rows):
+            self.top[row] = (probs[i], ids[i])
+
+    def propose(self, row: int, budget: int) -> TokenTree:
+        from propd_compile.heads import rank_paths
+
+        root, top = self.last[row], self.top[row]
+        if budget <= 1 or top is None:
+            return TokenTree.root_only(root)
+        probs, ids = top
+        paths = self.static_paths[: budget - 1] if self.static_paths is not None else rank_paths(probs, budget)
+        return TokenTree.from_rank_paths(root, paths, ids)
+
+
+class FusedDrafter(Drafter):
+    """Several drafters' trees merged into one by token path (`TokenTree.merge`)."""
+
+    def __init__(self, drafters: Sequence[Drafter]) -> None:
+        self.drafters = list(drafters)
+        self.needs_hidden = any(d.needs_hidden for d in self.drafters)
+
+    def start(self, sequences: Sequence[Sequence[int]]) -> None:
+        for d in self.drafters:
+            d.start(sequences)
+
+    def advance(self, row: int, tokens: Sequence[int]) -> None:
+        for d in self.drafters:
+            d.advance(row, tokens)
+
+    def set_hidden(self, rows: Sequence[int], hidden) -> None:
+        for d in self.drafters:
+            if d.needs_hidden:
+                d.set_hidden(rows, hidden)
+
+    def propose(self, row: int, budget: int) -> TokenTree:
+        return TokenTree.merge([d.propose(row, budget) for d in self.drafters], budget)
+
+
+def build_drafter(config, model=None) -> Drafter:  # config: ProPDConfig (imported lazily to avoid a cycle)
+    """The drafter for `config`; draft heads need the `model` (they use its LM head).
+
+    drafters=None picks ("heads", "ngram") when heads are available (config.heads, or heads
+    shipped for this model), else ("ngram",); tree="medusa" is the static Medusa tree alone.
+    """
     if config.tree == "chain":
         return NGramDrafter(config.ngram_max, config.max_depth, branching=False)
-    return NGramDrafter(config.ngram_max, config.max_depth)
+    heads = None
+    if config.tree == "medusa" or config.drafters is None or "heads" in config.drafters:
+        from propd_compile.heads import resolve_heads
+
+        heads = resolve_heads(model, config.heads) if model is not None else None
+    if config.tree == "medusa" or (config.drafters is not None and "heads" in config.drafters):
+        if heads is None:
+            raise ValueError(
+                "draft heads are needed (tree='medusa' or drafters with 'heads') but none were found for this model; "
+                "train them with `propd train-heads --model NAME --out DIR` and pass ProPDConfig(heads=DIR)"
+            )
+    lm_head = model.get_output_embeddings() if heads is not None else None
+    if config.tree == "medusa":
+        acc = (heads.accuracy or {}).get("rank_accuracy")
+        if not acc:
+            raise ValueError("tree='medusa' needs calibrated accuracies (accuracy.json beside the heads, written by train-heads)")
+        from propd_compile.heads import rank_paths
+
+        static = rank_paths(acc, config.max_tree_nodes)
+        return HeadsDrafter(heads, lm_head, config.max_depth, static_paths=static)
+    names = config.drafters if config.drafters is not None else (("heads", "ngram") if heads is not None else ("ngram",))
+    made = {
+        "ngram": lambda: NGramDrafter(config.ngram_max, config.max_depth),
+        "heads": lambda: HeadsDrafter(heads, lm_head, config.max_depth, topk=config.heads_topk),
+    }
+    drafters = [made[n]() for n in names]
+    return drafters[0] if len(drafters) == 1 else FusedDrafter(drafters)

@@ -18,7 +18,21 @@ from propd_compile.decoding import Forward
 import propd_compile.backend  # noqa: F401  (registers "propd" when the entry point is absent)
 
 
-def compiled_forward(model: torch.nn.Module, config: ProPDConfig) -> Forward:
+def compiled_forward(model: torch.nn.Module, config: ProPDConfig, hidden: bool = False) -> Forward:
+    """With `hidden`, the compiled forward returns (logits, last hidden state) (see
+    `decoding.hidden_forward`)."""
+    if hidden:
+        from propd_compile.decoding import hidden_forward
+
+        compiled_hidden = torch.compile(
+            hidden_forward(model), backend="propd", dynamic=True, options=dict(config.backend_options)
+        )
+
+        def forward_hidden(input_ids, mask, position_ids, cache):
+            with fx_config.patch(use_duck_shape=False):
+                return compiled_hidden(input_ids, mask, position_ids, cache)
+
+        return forward_hidden
     compiled = torch.compile(model, backend="propd", dynamic=True, options=dict(config.backend_options))
 
     def forward(input_ids, mask, position_ids, cache):
@@ -40,8 +54,9 @@ def warm_up(model: torch.nn.Module, config: ProPDConfig, batch_sizes: tuple[int,
     graphs are: one row or several, times root-only steps (T = 1) or trees (T > 1).
     """
     from propd_compile.api import forward_for
+    from propd_compile.drafters import build_drafter
 
-    forward = forward_for(model, config)
+    forward = forward_for(model, config, hidden=build_drafter(config, model).needs_hidden)
     device = next(model.parameters()).device
     prefix = 5
     for b in batch_sizes:

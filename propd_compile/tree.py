@@ -60,16 +60,70 @@ class TokenTree:
                     depth.append(depth[node] + 1)
                 node = children[key]
                 scores[node] += float(score)
+        return cls._best(tokens, parents, scores, depth, budget)
+
+    @classmethod
+    def _best(cls, tokens: list[int], parents: list[int], scores: list[float], depth: list[int], budget: int) -> "TokenTree":
+        """The `budget` best nodes of a trie (root included) whose scores never grow along a path."""
         # A parent was inserted before its child, and its score is >= the child's, so sorting
         # by (-score, depth, insertion order) keeps parents ahead of children.
         order = sorted(range(1, len(tokens)), key=lambda i: (-scores[i], depth[i], i))[: max(budget - 1, 0)]
         keep = sorted(order)
         new_index = {0: 0, **{old: k + 1 for k, old in enumerate(keep)}}
         return cls(
-            (root, *(tokens[i] for i in keep)),
+            (tokens[0], *(tokens[i] for i in keep)),
             (-1, *(new_index[parents[i]] for i in keep)),
             (1.0, *(scores[i] for i in keep)),
         )
+
+    @classmethod
+    def from_rank_paths(
+        cls, root: int, paths: Sequence[tuple[Sequence[int], float]], table: Sequence[Sequence[int]]
+    ) -> "TokenTree":
+        """A tree from scored rank paths (parents before children, every prefix present), where
+        the node reached by ranks (r0, ..., rd) carries token table[d][rd].
+
+        Drafters whose candidates per depth do not depend on the path (Medusa heads: table[d] is
+        head d's top-k) describe a tree this way; distinct tokens per depth keep siblings distinct.
+        """
+        index: dict[tuple[int, ...], int] = {(): 0}
+        tokens, parents, scores = [root], [-1], [1.0]
+        for path, score in paths:
+            path = tuple(path)
+            index[path] = len(tokens)
+            tokens.append(int(table[len(path) - 1][path[-1]]))
+            parents.append(index[path[:-1]])
+            scores.append(float(score))
+        return cls(tuple(tokens), tuple(parents), tuple(scores))
+
+    @classmethod
+    def merge(cls, trees: Sequence["TokenTree"], budget: int) -> "TokenTree":
+        """Merge trees with the same root by token path and keep the `budget` best nodes.
+
+        A node drafted by several trees scores 1 - prod(1 - s) over their scores (each in
+        [0, 1]): the chance that at least one source is right, if they erred independently.
+        That is monotone in every score, so scores still never grow along a path.
+        """
+        if not trees:
+            raise ValueError("TokenTree.merge needs at least one tree")
+        root = trees[0].tokens[0]
+        if any(t.tokens[0] != root for t in trees):
+            raise ValueError("TokenTree.merge: the trees have different roots")
+        children: dict[tuple[int, int], int] = {}
+        tokens, parents, miss, depth = [root], [-1], [0.0], [0]
+        for tree in trees:
+            where = [0] * len(tree)
+            for i in range(1, len(tree)):
+                key = (where[tree.parents[i]], tree.tokens[i])
+                if key not in children:
+                    children[key] = len(tokens)
+                    tokens.append(tree.tokens[i])
+                    parents.append(key[0])
+                    miss.append(1.0)
+                    depth.append(depth[key[0]] + 1)
+                where[i] = node = children[key]
+                miss[node] *= 1.0 - min(max(float(tree.scores[i]), 0.0), 1.0)
+        return cls._best(tokens, parents, [1.0 - m for m in miss], depth, budget)
 
     def __len__(self) -> int:
         return len(self.tokens)
@@ -131,3 +185,23 @@ class TreeBatch:
     @property
     def num_nodes(self) -> int:
         return self.tokens.shape[1]
+
+    def longest_paths(self, match: torch.Tensor) -> list[list[int]]:
+        """Per row, the root-to-node path (node indices) to the deepest node whose every
+        non-root node on the path has `match` [B, T] True; ties go to the lower node index."""
+        parents = self.parents.clamp(min=0)
+        match = match & self.valid
+        acc = torch.zeros_like(match)
+        acc[:, 0] = True
+        for d in range(1, int(self.depths.max()) + 1):
+            acc |= (self.depths == d) & match & acc.gather(1, parents)
+        deepest = torch.where(acc, self.depths, -1).argmax(1).tolist()
+        parents_l = self.parents.tolist()
+        paths = []
+        for b, node in enumerate(deepest):
+            path = []
+            while node != -1:
+                path.append(node)
+                node = parents_l[b][node]
+            paths.append(path[::-1])
+        return paths

@@ -19,9 +19,11 @@ PAD = 0
 ARCHS = ("llama", "qwen2", "mistral", "gpt2")
 
 
-def tiny_model(arch: str = "llama", seed: int = 0, kv_heads: int = 2, layers: int = 2) -> torch.nn.Module:
+def tiny_model(
+    arch: str = "llama", seed: int = 0, kv_heads: int = 2, layers: int = 2, vocab: int = VOCAB
+) -> torch.nn.Module:
     torch.manual_seed(seed)
-    common = dict(vocab_size=VOCAB, eos_token_id=EOS, pad_token_id=PAD, bos_token_id=1, attn_implementation="sdpa")
+    common = dict(vocab_size=vocab, eos_token_id=EOS, pad_token_id=PAD, bos_token_id=1, attn_implementation="sdpa")
     llama_like = dict(
         hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
         num_key_value_heads=kv_heads, max_position_embeddings=256, **common,

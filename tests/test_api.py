@@ -96,7 +96,7 @@ def test_stopping_criteria_and_streamer(model):
 @pytest.mark.parametrize(
     "kwargs,exc,match",
     [
-        (dict(do_sample=True), NotImplementedError, "do_sample"),
+        (dict(do_sample=True, no_repeat_ngram_size=2), NotImplementedError, "no_repeat_ngram_size"),
         (dict(num_beams=2), NotImplementedError, "num_beams"),
         (dict(repetition_penalty=1.3), NotImplementedError, "repetition_penalty"),
         (dict(max_new_tokens=10_000), ValueError, "context"),

@@ -42,3 +42,25 @@ def test_bench_quick_smoke(tmp_path, capsys):
     assert main(["bench", "--quick", "--json", str(out)]) == 0
     table = capsys.readouterr().out
     assert "| propd | 1 |" in table and "| hf_greedy | 1 |" in table and out.exists()
+
+
+def test_compiled_decoding_of_smollm2_is_identical_and_never_recompiles(smollm):
+    """Through torch.compile(backend="propd"): same tokens as HF greedy, 0 graphs after warm-up."""
+    from torch._dynamo.utils import counters
+
+    from propd_compile.runtime_compile import warm_up
+
+    model, tok = smollm
+    config = ProPDConfig(compile=True, max_tree_nodes=16)
+    warm_up(model, config, batch_sizes=(1,))
+    graphs = counters["stats"]["unique_graphs"]
+    for q in prompts.mt_bench_sample(1)[2:4]:
+        enc = tok(prompts.chat_prompt(tok, q.turns[0]), return_tensors="pt")
+        ref = model.generate(**enc, max_new_tokens=64, do_sample=False)
+        accelerate(model, config)
+        try:
+            out = model.generate(**enc, max_new_tokens=64)
+        finally:
+            restore(model)
+        assert torch.equal(out, ref)
+    assert counters["stats"]["unique_graphs"] == graphs

@@ -1,0 +1,277 @@
+"""Medusa draft heads: K small residual blocks on the base model's last hidden state.
+
+Head k (0-based) reads the hidden state h_t that feeds the LM head at position t (after the
+final norm; the LM head on h_t predicts token t+1) and predicts token t+k+2, i.e. k+1 steps past
+the next token:  logits_k = LMHead(h_t + SiLU(W_k h_t + b_k)).  W_k and b_k start at zero, so
+a fresh head repeats the base model's next-token prediction. The LM head is the base model's
+own, frozen and not saved (an own projection per head is an option).
+
+On disk a heads directory holds `heads.safetensors` (the residual blocks, fp16 by default),
+`config.json` (sizes, K, and the base model's identity: name, a hash of its architecture
+fields and a small probe of its LM-head weights) and, from the trainer, `accuracy.json`
+(held-out per-head top-1/top-5 and per-(head, rank) accuracies, which the static Medusa tree
+uses). Loading heads next to a model they were not trained for fails and names both.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+log = logging.getLogger(__name__)
+
+FORMAT = "propd-medusa-heads"
+VERSION = 1
+WEIGHTS = "heads.safetensors"
+CONFIG = "config.json"
+ACCURACY = "accuracy.json"
+SHIPPED_DIR = Path(__file__).parent / "data" / "heads"
+
+ARCH_FIELDS = (
+    "model_type", "hidden_size", "vocab_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "intermediate_size", "head_dim", "tie_word_embeddings",
+)
+
+
+# --- base model identity ----------------------------------------------------------------------
+def _text_config(model: nn.Module):
+    cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def _jsonable(v: Any) -> Any:
+    return v if isinstance(v, (int, float, str, bool, type(None))) else repr(v)
+
+
+def _probe(model: nn.Module) -> list[float]:
+    """A fingerprint of the weights: 16 evenly spaced LM-head rows, first 8 columns."""
+    w = model.get_output_embeddings().weight.detach()
+    rows = torch.linspace(0, w.shape[0] - 1, 16).round().long().to(w.device)
+    return [round(float(x), 5) for x in w[rows, : min(8, w.shape[1])].float().flatten().cpu()]
+
+
+def model_name(model: nn.Module) -> str:
+    path = str(getattr(model, "name_or_path", "") or getattr(model.config, "_name_or_path", "") or "")
+    return Path(path.rstrip("/")).name if path else f"unnamed {_text_config(model).model_type} model"
+
+
+def model_identity(model: nn.Module) -> dict:
+    cfg = _text_config(model)
+    arch = {f: _jsonable(getattr(cfg, f, None)) for f in ARCH_FIELDS}
+    digest = hashlib.sha256(json.dumps(arch, sort_keys=True).encode()).hexdigest()[:16]
+    return {"name": model_name(model), "config_hash": digest, "architecture": arch, "probe": _probe(model)}
+
+
+def _describe(identity: dict) -> str:
+    a = identity["architecture"]
+    return (
+        f"{identity['name']!r} ({a.get('model_type')}, hidden {a.get('hidden_size')}, vocab {a.get('vocab_size')}, "
+        f"{a.get('num_hidden_layers')} layers, config hash {identity['config_hash']})"
+    )
+
+
+def identity_mismatch(built_for: dict, model: nn.Module) -> str | None:
+    """Why heads built for `built_for` do not fit `model`, or None when they do."""
+    mine = model_identity(model)
+    if built_for["config_hash"] != mine["config_hash"]:
+        return f"they were trained for {_describe(built_for)}, but the model is {_describe(mine)}"
+    a, b = torch.tensor(built_for["probe"]), torch.tensor(mine["probe"])
+    if a.shape != b.shape or not torch.allclose(a, b, rtol=2e-2, atol=2e-2):
+        return (
+            f"they were trained for {_describe(built_for)}; the model {mine['name']!r} has the same architecture "
+            "but different weights"
+        )
+    return None
+
+
+# --- the heads --------------------------------------------------------------------------------
+class ResBlock(nn.Module):
+    """h + SiLU(W h + b), W and b zero at init (the identity)."""
+
+    def __init__(self, hidden_size: int) -> None:
+        super().__init__()
+        self.linear = nn.Linear(hidden_size, hidden_size)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return h + F.silu(self.linear(h))
+
+
+class MedusaHeads(nn.Module):
+    def __init__(
+        self, hidden_size: int, vocab_size: int, num_heads: int = 4, own_projection: bool = False,
+        base: dict | None = None,
+    ) -> None:
+        super().__init__()
+        if num_heads < 1:
+            raise ValueError("MedusaHeads needs at least one head")
+        self.hidden_size, self.vocab_size, self.num_heads = hidden_size, vocab_size, num_heads
+        self.own_projection = own_projection
+        self.base = base or {}
+        self.blocks = nn.ModuleList(ResBlock(hidden_size) for _ in range(num_heads))
+        self.projections = (
+            nn.ModuleList(nn.Linear(hidden_size, vocab_size, bias=False) for _ in range(num_heads))
+            if own_projection else None
+        )
+        self.accuracy: dict | None = None  # accuracy.json, when loaded from a trained directory
+
+    @classmethod
+    def for_model(cls, model: nn.Module, num_heads: int = 4, own_projection: bool = False) -> "MedusaHeads":
+        cfg = _text_config(model)
+        lm_head = model.get_output_embeddings()
+        heads = cls(cfg.hidden_size, lm_head.weight.shape[0], num_heads, own_projection, model_identity(model))
+        if own_projection:  # start from the base LM head, so a fresh head still equals it
+            for p in heads.projections:
+                p.weight.data.copy_(lm_head.weight.detach().float())
+        return heads
+
+    def features(self, hidden: torch.Tensor, num_heads: int | None = None) -> torch.Tensor:
+        """[..., H] -> [..., K, H]: each head's residual block applied to the hidden state."""
+        blocks = self.blocks[: num_heads or self.num_heads]
+        return torch.stack([blk(hidden) for blk in blocks], dim=-2)
+
+    def forward(self, hidden: torch.Tensor, lm_head: nn.Module | None = None, num_heads: int | None = None) -> torch.Tensor:
+        """[..., H] -> logits [..., K, V]; `lm_head` is the base model's (unless own projections)."""
+        z = self.features(hidden, num_heads)
+        if self.projections is not None:
+            return torch.stack([p(z[..., k, :]) for k, p in enumerate(self.projections[: z.shape[-2]])], dim=-2)
+        if lm_head is None:
+            raise ValueError("these heads feed the base model's LM head: pass lm_head=model.get_output_embeddings()")
+        return lm_head(z.to(lm_head.weight.dtype))
+
+    # --- persistence ---------------------------------------------------------------------------
+    def config_dict(self) -> dict:
+        return {
+            "format": FORMAT, "version": VERSION, "num_heads": self.num_heads, "hidden_size": self.hidden_size,
+            "vocab_size": self.vocab_size, "own_projection": self.own_projection, "base_model": self.base,
+        }
+
+    def save(self, directory: str | Path, dtype: torch.dtype = torch.float16, accuracy: dict | None = None) -> Path:
+        from safetensors.torch import save_file
+
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in self.state_dict().items()}
+        save_file(tensors, str(directory / WEIGHTS), metadata={"format": FORMAT})
+        (directory / CONFIG).write_text(json.dumps(self.config_dict(), indent=1) + "\n")
+        accuracy = accuracy if accuracy is not None else self.accuracy
+        if accuracy is not None:
+            (directory / ACCURACY).write_text(json.dumps(accuracy, indent=1) + "\n")
+        return directory
+
+    @classmethod
+    def load(cls, directory: str | Path, model: nn.Module | None = None) -> "MedusaHeads":
+        """Heads from `directory`; with `model`, refuse heads trained for another model."""
+        from safetensors.torch import load_file
+
+        directory = Path(directory)
+        cfg_path = directory / CONFIG
+        if not cfg_path.exists() or not (directory / WEIGHTS).exists():
+            raise FileNotFoundError(
+                f"no draft heads in {directory} (expected {CONFIG} and {WEIGHTS}); train some with "
+                "`propd train-heads --model NAME --out DIR`"
+            )
+        cfg = json.loads(cfg_path.read_text())
+        if cfg.get("format") != FORMAT:
+            raise ValueError(f"{cfg_path} is not a propd heads config (format {cfg.get('format')!r})")
+        if cfg.get("version", 0) > VERSION:
+            raise ValueError(f"{cfg_path} has heads format version {cfg['version']}; this propd reads up to {VERSION}")
+        if model is not None:
+            why = identity_mismatch(cfg["base_model"], model)
+            if why:
+                raise ValueError(
+                    f"the draft heads in {directory} do not fit this model: {why}. Train heads for it with "
+                    "`propd train-heads --model NAME --out DIR` and pass ProPDConfig(heads=DIR)"
+                )
+        heads = cls(cfg["hidden_size"], cfg["vocab_size"], cfg["num_heads"], cfg["own_projection"], cfg["base_model"])
+        state = {k: v.float() for k, v in load_file(str(directory / WEIGHTS)).items()}
+        heads.load_state_dict(state)
+        if (directory / ACCURACY).exists():
+            heads.accuracy = json.loads((directory / ACCURACY).read_text())
+        return heads.eval()
+
+
+# --- finding heads for a model ---------------------------------------------------------------
+def shipped_heads_for(model: nn.Module, root: Path = SHIPPED_DIR) -> Path | None:
+    """The directory of packaged heads trained for `model`, if any."""
+    if not root.is_dir():
+        return None
+    for cfg_path in sorted(root.glob(f"*/{CONFIG}")):
+        try:
+            cfg = json.loads(cfg_path.read_text())
+            if cfg.get("format") == FORMAT and identity_mismatch(cfg["base_model"], model) is None:
+                return cfg_path.parent
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            log.warning("ignoring unreadable heads config %s: %s", cfg_path, e)
+    return None
+
+
+def resolve_heads(model: nn.Module, path: str | Path | None) -> MedusaHeads | None:
+    """Heads at `path` (checked against `model`), else shipped heads for `model`, else None.
+
+    Loaded heads are kept on the model (per path), moved to its device and dtype.
+    """
+    if path is None:
+        cached = vars(model).get("_propd_shipped_heads", False)
+        if cached is False:
+            cached = shipped_heads_for(model)
+            model._propd_shipped_heads = cached
+        if cached is None:
+            return None
+        path = cached
+    key = str(Path(path).resolve())
+    loaded = vars(model).setdefault("_propd_heads", {})
+    if key not in loaded:
+        check_hidden_logits(model)
+        param = next(model.parameters())
+        loaded[key] = MedusaHeads.load(path, model).to(param.device, param.dtype)
+    return loaded[key]
+
+
+@torch.no_grad()
+def check_hidden_logits(model: nn.Module) -> None:
+    """Heads need logits = LMHead(base model's last hidden state); refuse models that rescale them."""
+    if vars(model).get("_propd_hidden_ok"):
+        return
+    ids = torch.tensor([[1, 2, 3]], device=next(model.parameters()).device) % _text_config(model).vocab_size
+    full = model(input_ids=ids, use_cache=False).logits
+    split = model.get_output_embeddings()(model.base_model(input_ids=ids, use_cache=False).last_hidden_state)
+    if full.shape != split.shape or not torch.allclose(full, split, rtol=1e-4, atol=1e-4):
+        raise NotImplementedError(
+            f"{type(model).__name__} computes its logits with more than its LM head on the last hidden state "
+            "(e.g. logit soft-capping or scaling); draft heads are not supported for it yet, use drafters=('ngram',)"
+        )
+    model._propd_hidden_ok = True
+
+
+# --- trees from the heads' top-k ---------------------------------------------------------------
+def rank_paths(table: Sequence[Sequence[float]], budget: int) -> list[tuple[tuple[int, ...], float]]:
+    """Best-first: the `budget - 1` rank paths with the largest products of table[depth][rank].
+
+    Every node at depth d has the same children, ranks r with factor table[d][r] in [0, 1]; a
+    path's score is the product along it. Children enter the frontier only after their parent
+    is taken and never score above it, so any prefix of the result is an ancestor-closed tree;
+    paths come out in pop order (scores non-increasing), parents before children.
+    """
+    import heapq
+
+    if budget <= 1 or not table:
+        return []
+    heap = [(-float(s), (r,)) for r, s in enumerate(table[0])]
+    heapq.heapify(heap)
+    out: list[tuple[tuple[int, ...], float]] = []
+    while heap and len(out) < budget - 1:
+        neg, path = heapq.heappop(heap)
+        out.append((path, -neg))
+        d = len(path)
+        if d < len(table):
+            for r, s in enumerate(table[d]):
+                heapq.heappush(heap, (neg * float(s), path + (r,)))
+    return out
