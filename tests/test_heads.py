@@ -387,11 +387,11 @@ def test_shipped_heads_are_the_default_for_the_embedded_model():
     assert isinstance(build_drafter(ProPDConfig(drafters=("ngram",)), model), type(build_drafter(ProPDConfig(tree="chain"), model)))
     texts = [chat_prompt(tok, q.turns[0]) for q in mt_bench_sample(1)[:2]]
     enc = tok(texts, return_tensors="pt", padding=True)
-    ref = hf_greedy(model, enc.input_ids, enc.attention_mask, 48)
+    ref = hf_greedy(model, enc.input_ids, enc.attention_mask, 32)
     for config in (ProPDConfig(), ProPDConfig(tree="medusa")):
         propd_compile.accelerate(model, config)
         try:
-            out = model.generate(**enc, max_new_tokens=48)
+            out = model.generate(**enc, max_new_tokens=32)
         finally:
             propd_compile.restore(model)
         assert torch.equal(out, ref)
