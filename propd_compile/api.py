@@ -274,7 +274,7 @@ def forward_for(model: torch.nn.Module, config: ProPDConfig, hidden: bool = Fals
     key = repr(sorted(config.backend_options.items())) + (" hidden" if hidden else "")
     cache = vars(model).setdefault("_propd_forwards", {})
     if key not in cache:
-        cache[key] = compiled_forward(model, config, hidden=hidden) if hidden else compiled_forward(model, config)
+        cache[key] = compiled_forward(model, config, hidden=hidden)
     return cache[key]
 
 

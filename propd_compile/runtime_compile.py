@@ -13,35 +13,23 @@ import torch.fx.experimental._config as fx_config
 
 from propd_compile.cache import TreeKVCache
 from propd_compile.config import ProPDConfig
-from propd_compile.decoding import Forward
+from propd_compile.decoding import Forward, eager_forward
 
 import propd_compile.backend  # noqa: F401  (registers "propd" when the entry point is absent)
 
 
 def compiled_forward(model: torch.nn.Module, config: ProPDConfig, hidden: bool = False) -> Forward:
-    """With `hidden`, the compiled forward returns (logits, last hidden state) (see
-    `decoding.hidden_forward`)."""
-    if hidden:
-        from propd_compile.decoding import hidden_forward
-
-        compiled_hidden = torch.compile(
-            hidden_forward(model), backend="propd", dynamic=True, options=dict(config.backend_options)
-        )
-
-        def forward_hidden(input_ids, mask, position_ids, cache):
-            with fx_config.patch(use_duck_shape=False):
-                return compiled_hidden(input_ids, mask, position_ids, cache)
-
-        return forward_hidden
-    compiled = torch.compile(model, backend="propd", dynamic=True, options=dict(config.backend_options))
+    """`decoding.eager_forward(model, hidden)` compiled; with `hidden` it returns (logits, last
+    hidden state)."""
+    compiled = torch.compile(
+        eager_forward(model, hidden=hidden), backend="propd", dynamic=True, options=dict(config.backend_options)
+    )
 
     def forward(input_ids, mask, position_ids, cache):
         # No duck sizing: two sizes that happen to be equal at compile time (batch and tree size,
         # say) must not be fused into one symbol, or the first step where they differ recompiles.
         with fx_config.patch(use_duck_shape=False):
-            return compiled(
-                input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True
-            ).logits
+            return compiled(input_ids, mask, position_ids, cache)
 
     return forward
 
