@@ -47,9 +47,10 @@ PassFn = Callable[[torch.fx.GraphModule, Mapping[str, Any]], PassReport]
 
 
 def _passes() -> tuple[tuple[str, PassFn], ...]:
+    from propd_compile.passes.early_prune import early_prune_pass
     from propd_compile.passes.tree_attention import tree_attention_pass
 
-    return (("tree_attention", tree_attention_pass),)
+    return (("tree_attention", tree_attention_pass), ("early_prune", early_prune_pass))
 
 
 def pass_names() -> list[str]:

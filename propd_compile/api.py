@@ -29,7 +29,10 @@ from transformers.generation.logits_process import (
 
 from propd_compile.config import ProPDConfig
 from propd_compile.decoding import AcceptRule, DecodeStats, eager_forward, greedy_rule, tree_generate
-from propd_compile.drafters import build_drafter
+from propd_compile.acceptance import AcceptanceModel, RankStats
+from propd_compile.cost_model import LatencyModel, load_calibration
+from propd_compile.drafters import build_drafter, heads_for
+from propd_compile.planner import TreePlanner
 from propd_compile.sampling import sampling_rule
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -181,7 +184,8 @@ def propd_generate(
     stopping = model_kwargs.get("stopping_criteria") or None
 
     accept = _accept_rule(model, gen, config, generator, input_ids.device)
-    drafter = build_drafter(config, model)
+    planner = planner_for(model, config) if config.tree == "dynamic" else None
+    drafter = build_drafter(config, model, rank_stats=planner.acceptance.rank_stats if planner else None)
     forward = forward_for(model, config, hidden=drafter.needs_hidden)
     sequences, stats = tree_generate(
         model,
@@ -196,6 +200,7 @@ def propd_generate(
         stopping_criteria=stopping,
         streamer=model_kwargs.get("streamer"),
         accept=accept,
+        planner=planner,
     )
     model.propd_stats = stats
     if gen.return_dict_in_generate:
@@ -271,16 +276,41 @@ def forward_for(model: torch.nn.Module, config: ProPDConfig, hidden: bool = Fals
         return eager_forward(model, hidden=hidden)
     from propd_compile.runtime_compile import compiled_forward
 
-    key = repr(sorted(config.backend_options.items())) + (" hidden" if hidden else "")
+    options = dict(config.backend_options)
+    if config.prune:  # early pruning (#5): the prune pass's layer and registered predictor
+        from propd_compile.early_head import prune_options
+
+        options["prune"] = prune_options(model, config)
+    key = repr(sorted(options.items())) + (" hidden" if hidden else "")
     cache = vars(model).setdefault("_propd_forwards", {})
     if key not in cache:
-        cache[key] = compiled_forward(model, config, hidden=hidden)
+        cache[key] = compiled_forward(model, config, hidden=hidden, options=options)
     return cache[key]
+
+
+def planner_for(model: torch.nn.Module, config: ProPDConfig) -> TreePlanner:
+    """The dynamic-tree planner for `config`, kept on the model so that its acceptance and
+    latency statistics carry over between `generate` calls. Its latency model starts from this
+    machine's `propd calibrate` fit when there is one."""
+    key = repr(config)
+    planners = vars(model).setdefault("_propd_planners", {})
+    if key not in planners:
+        heads = heads_for(config, model)
+        rank_stats = None
+        if heads is not None:
+            acc = (heads.accuracy or {}).get("rank_accuracy")
+            rank_stats = RankStats.warm(acc, ranks=config.heads_topk) if acc else RankStats(heads.num_heads, config.heads_topk)
+        latency = load_calibration(model, config.compile) or LatencyModel()
+        planners[key] = TreePlanner(AcceptanceModel(rank_stats=rank_stats), latency, config.max_tree_nodes)
+    return planners[key]
 
 
 def restore(model: torch.nn.Module) -> torch.nn.Module:
     """Undo `accelerate`: the original `generate` comes back."""
-    for attr in ("generate", "_propd_config", "_propd_forwards", "propd_stats", "_propd_heads", "_propd_shipped_heads"):
+    for attr in (
+        "generate", "_propd_config", "_propd_forwards", "_propd_planners", "propd_stats", "_propd_heads",
+        "_propd_shipped_heads", "_propd_prune",
+    ):
         if attr in vars(model):
             delattr(model, attr)
     return model

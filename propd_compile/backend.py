@@ -9,7 +9,9 @@ raises `AssertionError: duplicate name: propd` (../shared/research/compile-backe
 
 Options (`options=` of torch.compile; unknown keys are ignored with a debug log):
     tree_attention: bool = True     run the tree-attention pass (SDPA -> propd::tree_attention)
-    prune: None | bool | dict       reserved for the prune pass (accepted, not used yet)
+    prune: None | False | dict      early pruning: {"layer": L_e, "predictor": id} inserts a prune
+                                    point after decoder layer L_e (passes/early_prune.py; id from
+                                    kernels.early_prune.register_predictor); None/False: off
     inductor: bool = True           False: return the rewritten graph to run eagerly (debugging)
     inductor_config: dict = {}      Inductor config patches passed to compile_fx
     debug: bool = False             dump the graph before/after the passes (as PROPD_DEBUG=1)
@@ -65,8 +67,12 @@ def validate_options(options: Mapping[str, Any] | None) -> dict[str, Any]:
         elif not isinstance(value, types):
             names = " | ".join("None" if t is type(None) else t.__name__ for t in types)
             raise TypeError(f"propd backend option {key!r} must be {names}, got {type(value).__name__}")
-    if out.get("prune") not in (None, False):
-        log.debug("propd backend: option 'prune' is reserved; no prune pass yet")
+    prune = out.get("prune")
+    if prune is True or (
+        isinstance(prune, Mapping)
+        and not all(isinstance(prune.get(k), int) and not isinstance(prune.get(k), bool) for k in ("layer", "predictor"))
+    ):
+        raise TypeError("propd backend option 'prune' must be None, False or {'layer': int, 'predictor': int}")
     return out
 
 

@@ -43,6 +43,9 @@ class TreeKVCache(Cache):
         self.valid = torch.zeros((batch_size, max_len), dtype=torch.bool, device=device)
         self.lengths = [0] * batch_size
         self.attn_mask: torch.Tensor | None = None  # the current step's 4D mask (sets W + T)
+        # Early pruning (kernels/early_prune.py): keep[b, i] is False iff a prune point in the
+        # forward dropped tree node i of row b; layer 0 resets it, so no prune point = all kept.
+        self.keep = torch.ones((batch_size, max_len), dtype=torch.bool, device=device)
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch_size: int, max_len: int) -> "TreeKVCache":
@@ -58,6 +61,8 @@ class TreeKVCache(Cache):
         assert self.attn_mask is not None, "TreeKVCache.begin_step must precede a forward"
         kv_len = self.attn_mask.shape[-1]
         start = kv_len - key_states.shape[2]
+        if layer_idx == 0:
+            torch.ops.propd.keep_reset(self.keep)
         torch.ops.propd.kv_write(self.keys[layer_idx], key_states, start)
         torch.ops.propd.kv_write(self.values[layer_idx], value_states, start)
         return self.keys[layer_idx][:, :, :kv_len], self.values[layer_idx][:, :, :kv_len]

@@ -3,12 +3,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import warnings
+from pathlib import Path
 
 import torch
 
-from propd_compile.config import ProPDConfig
+from propd_compile.config import TREES, ProPDConfig
 from propd_compile.models import DEFAULT_MODEL
 
 
@@ -21,7 +23,7 @@ def _config(args) -> ProPDConfig:
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="embedded model name or a Hugging Face path")
-    p.add_argument("--tree", default="ngram", choices=["ngram", "chain", "medusa"])
+    p.add_argument("--tree", default="dynamic", choices=list(TREES))
     p.add_argument("--heads", default=None, help="draft heads directory (default: heads shipped for the model)")
     p.add_argument("--drafters", nargs="+", default=None, choices=["ngram", "heads"],
                    help="drafters to fuse (default: heads + ngram when heads are available, else ngram)")
@@ -81,35 +83,81 @@ def cmd_latency(args, model) -> int:
     return 0
 
 
+# --quick: a CI smoke test (a few minutes on 2 cores) that checks losslessness only, never speed.
+QUICK = dict(per_category=1, prompts=None, max_new_tokens=32, batch_sizes=[1, 4], repeats=1)
+LARGE_BATCHES = [16, 32]
+
+
 def cmd_bench(args) -> int:
+    """The benchmark suite (see propd_compile.bench); --write-md JSON only rewrites BENCHMARKS.md."""
     from propd_compile import bench, models, prompts
 
+    if args.write_md:
+        _write_bench_md(bench.load(args.write_md), args.write_md, args.md)
+        return 0
+    if args.write_md == "" and not args.json:
+        raise SystemExit("propd bench: a bare --write-md needs --json (the markdown links the JSON and the plot)")
     model, tok = models.load(args.model)
     if args.latency:
         return cmd_latency(args, model)
     if args.quick:
-        questions = prompts.mt_bench_sample(1)
-        batch_sizes, max_new, repeats = (1,), 32, 1
-    else:
-        questions = prompts.mt_bench_sample(args.per_category)[: args.prompts]
-        batch_sizes, max_new, repeats = tuple(args.batch_sizes), args.max_new_tokens, args.repeats
+        vars(args).update(QUICK, methods=args.methods or list(bench.QUICK_METHODS))
+    batch_sizes = tuple(args.batch_sizes + (LARGE_BATCHES if args.large_batches else []))
+    questions = prompts.mt_bench_sample(args.per_category)[: args.prompts]
+    items = bench.mt_bench_prompts(
+        tok, questions, turn2=args.turn2,
+        answer=lambda texts: bench.hf_answers(model, tok, texts, args.max_new_tokens, max(batch_sizes)),
+    )
     report = bench.run(
-        model, tok, questions, batch_sizes=batch_sizes, max_new_tokens=max_new, repeats=repeats,
-        configs={"propd": _config(args)},
+        model, items, methods={m: bench.METHODS[m] for m in args.methods or bench.METHODS}, base=_config(args),
+        batch_sizes=batch_sizes, max_new_tokens=args.max_new_tokens, repeats=args.repeats,
         sample={"temperature": args.temperature} if args.temperature else None,
     )
     report["settings"]["command"] = "propd " + " ".join(sys.argv[1:])
     print(bench.markdown(report))
-    if report["compile"]:
-        print(f"[propd] compiled: warm-up {report['compile']['warm_up_seconds']:.1f} s, "
-              f"{report['compile']['graphs_compiled_while_decoding']} graphs compiled while decoding")
     if args.json:
         bench.save(report, args.json)
-    failed = [r for r in report["results"] if r["identical_rate"] not in (1.0, None)]
-    if failed:
-        print(f"[propd] NOT LOSSLESS: {[(r['method'], r['batch_size']) for r in failed]}", file=sys.stderr)
+        if args.write_md is not None:  # bare --write-md: this run's report
+            _write_bench_md(report, args.json, args.md)
+        else:
+            _plot(report, args.json)
+    bad = [
+        (r["method"], r["batch_size"], r["status"]) for r in report["results"]
+        if r["status"].startswith("failed")
+        or (bench.METHODS[r["method"]].propd is not None and r.get("identical_rate") not in (1.0, None))
+    ]
+    if bad:
+        print(f"[propd] NOT LOSSLESS or FAILED: {bad}", file=sys.stderr)
         return 1
     return 0
+
+
+def _plot(report: dict, json_path: str) -> str | None:
+    """The plot beside the JSON; None (and a note) without matplotlib."""
+    from propd_compile import bench
+
+    png = str(Path(json_path).with_suffix(".png"))
+    try:
+        bench.plot(report, png)
+    except ImportError:
+        print("[propd] no plot: matplotlib is missing (pip install propd-compile[bench])", file=sys.stderr)
+        return None
+    return png
+
+
+def _relative(path: str, to_dir: Path) -> str:
+    """`path` as a link from a markdown file in `to_dir`."""
+    return Path(os.path.relpath(Path(path).resolve(), to_dir)).as_posix()
+
+
+def _write_bench_md(report: dict, json_path: str, md_path: str) -> None:
+    """BENCHMARKS.md's generated suite section from `report`, the plot regenerated beside the JSON."""
+    from propd_compile import bench
+
+    png = _plot(report, json_path)
+    here = Path(md_path).resolve().parent
+    bench.write_md(md_path, bench.suite_section(report, _relative(json_path, here), png and _relative(png, here)))
+    print(f"[propd] {md_path}: suite section written from {json_path}, plot {png}", file=sys.stderr)
 
 
 def cmd_train_heads(args) -> int:
@@ -123,13 +171,38 @@ def cmd_train_heads(args) -> int:
         num_heads=args.num_heads, num_prompts=args.prompts, prompt_tokens=args.prompt_tokens,
         answer_tokens=args.answer_tokens, gen_batch_size=args.gen_batch_size, epochs=args.epochs,
         batch_size=args.batch_size, lr=args.lr, own_projection=args.own_projection, save_dtype=args.save_dtype,
-        seed=args.seed,
+        seed=args.seed, root_token=not args.no_root_token, eval_mt_bench=not args.no_mt_bench,
     )
     report = train_heads(model, args.out, tokenizer=tok, settings=settings, model_name=args.model)
-    print(json.dumps({k: report[k] for k in ("top1", "top5", "train_positions", "held_out_positions", "total_seconds")
+    print(json.dumps({k: report[k] for k in ("top1", "top5", "train_positions", "held_out_positions", "total_seconds", "mt_bench")
                       if k in report} | {"prompts": report.get("prompts"), "answers": report.get("answers"),
                                          "step_seconds": report.get("step_seconds")}, indent=1))
     print(f"[propd] heads saved to {args.out}; use them with ProPDConfig(heads={str(args.out)!r})", file=sys.stderr)
+    return 0
+
+
+def cmd_calibrate(args) -> int:
+    """Measure verification steps on this machine, report the held-out error, save the fit."""
+    from pathlib import Path
+
+    from propd_compile import models
+    from propd_compile.api import forward_for
+    from propd_compile.cost_model import calibrate, save_calibration
+
+    model, _ = models.load(args.model)
+    config = ProPDConfig(compile=args.compile)
+    if args.compile:
+        from propd_compile.runtime_compile import warm_up
+
+        warm_up(model, config, batch_sizes=(1, 2))
+    report = calibrate(
+        model, forward_for(model, config), batch_sizes=args.batch_sizes, tree_sizes=args.tree_sizes,
+        kv_lengths=args.kv_lengths, repeats=args.repeats,
+    )
+    report["command"] = "propd " + " ".join(sys.argv[1:])
+    path = save_calibration(model, report, args.compile, Path(args.out) if args.out else None)
+    print(f"held-out MAPE {100 * report['held_out_mape']:.1f}% on {report['held_out_points']} of {len(report['points'])} "
+          f"step shapes; fit saved to {path} (dynamic trees on this machine start from it)")
     return 0
 
 
@@ -142,14 +215,24 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
     _add_common(g)
     g.set_defaults(func=cmd_generate)
-    b = sub.add_parser("bench", help="ProPD vs HF greedy generate on MT-Bench turn 1 (same run, identical-output check)")
-    b.add_argument("--quick", action="store_true", help="8 prompts, 32 tokens, batch 1: a smoke test")
-    b.add_argument("--per-category", type=int, default=2, help="MT-Bench questions per category (10 = all)")
+    from propd_compile.bench import METHODS
+
+    b = sub.add_parser("bench", help="the benchmark suite: HF baselines vs ProPD methods on MT-Bench (same run)")
+    b.add_argument("--methods", nargs="+", default=None, choices=list(METHODS),
+                   help="methods to run (default: all; hf, the baseline, always runs)")
+    b.add_argument("--quick", action="store_true",
+                   help="smoke test: 8 prompts, 32 tokens, batch 1 and 4, the methods that need no compiling")
+    b.add_argument("--per-category", type=int, default=1, help="MT-Bench questions per category (10 = all)")
     b.add_argument("--prompts", type=int, default=None, help="use only the first N sampled questions")
-    b.add_argument("--batch-sizes", type=int, nargs="+", default=[1])
-    b.add_argument("--max-new-tokens", type=int, default=128)
-    b.add_argument("--repeats", type=int, default=3)
-    b.add_argument("--json", help="write the report here")
+    b.add_argument("--turn2", action="store_true", help="also MT-Bench turn 2 (after HF greedy's turn-1 answer)")
+    b.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 4, 8])
+    b.add_argument("--large-batches", action="store_true", help=f"add batch sizes {LARGE_BATCHES}")
+    b.add_argument("--max-new-tokens", type=int, default=256)
+    b.add_argument("--repeats", type=int, default=1)
+    b.add_argument("--json", help="write the report here (and the plot beside it, .png)")
+    b.add_argument("--write-md", nargs="?", const="", default=None, metavar="JSON",
+                   help="rewrite the suite section of --md from JSON (no run); bare: from this run's --json")
+    b.add_argument("--md", default="BENCHMARKS.md", help="markdown file for --write-md")
     b.add_argument("--temperature", type=float, default=None, help="sample at this temperature (HF sampling vs propd)")
     b.add_argument("--latency", action="store_true", help="verification latency per tree size, eager vs compiled")
     b.add_argument("--kv-len", type=int, default=200, help="KV cache length for --latency")
@@ -170,10 +253,22 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--batch-size", type=int, default=d.batch_size, help="training positions per step")
     t.add_argument("--lr", type=float, default=d.lr)
     t.add_argument("--own-projection", action="store_true", help="a trainable LM-head copy per head (large)")
+    t.add_argument("--no-root-token", action="store_true", help="plain Medusa heads (not reading the root token)")
+    t.add_argument("--no-mt-bench", action="store_true", help="skip the accuracy report on MT-Bench answers")
     t.add_argument("--save-dtype", default=d.save_dtype, choices=["float16", "bfloat16", "float32"])
     t.add_argument("--seed", type=int, default=d.seed)
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     t.set_defaults(func=cmd_train_heads)
+    c = sub.add_parser("calibrate", help="measure this machine's verification step latency for the dynamic tree")
+    c.add_argument("--model", default=DEFAULT_MODEL)
+    c.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8])
+    c.add_argument("--tree-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 12, 16, 24, 32, 48, 64])
+    c.add_argument("--kv-lengths", type=int, nargs="+", default=[64, 256, 512])
+    c.add_argument("--repeats", type=int, default=3)
+    c.add_argument("--compile", action="store_true", help="calibrate the compiled (propd backend) forward")
+    c.add_argument("--out", default=None, help="where to save the fit (default: the cache, where decoding looks)")
+    c.add_argument("--threads", type=int, default=None, help="torch CPU threads (the fit is per thread count)")
+    c.set_defaults(func=cmd_calibrate)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

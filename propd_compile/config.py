@@ -5,15 +5,22 @@ from dataclasses import dataclass, field, replace
 from typing import Any
 
 
+TREES = ("dynamic", "fixed", "chain", "medusa")
+
+
 @dataclass(frozen=True)
 class ProPDConfig:
     """How `accelerate`d models decode.
 
-    tree:            "ngram" (a dynamic tree from the drafters: n-gram drafts from the prompt and
-                     generated text, fused with draft heads when present), "chain" (a single n-gram
-                     continuation, no branching) or "medusa" (Medusa's static sparse tree from the
-                     heads' calibrated per-rank accuracies, filled with each step's head top-k).
-    max_tree_nodes:  node budget per row and step, root included (1 = plain greedy decoding).
+    tree:            "dynamic" (default; ProPD's dynamic tree: every step the drafters propose up to
+                     max_tree_nodes nodes, an online-calibrated acceptance model and latency model
+                     (`propd_compile.planner`) pick the size that maximises expected tokens per
+                     second, down to plain one-token steps), "fixed" (the drafters' best
+                     max_tree_nodes nodes every step), "chain" (a single n-gram continuation, no
+                     branching) or "medusa" (Medusa's static sparse tree from the heads' calibrated
+                     per-rank accuracies, filled with each step's head top-k).
+    max_tree_nodes:  node budget per row and step, root included (1 = plain greedy decoding); the
+                     largest candidate of the dynamic tree.
     max_depth:       longest draft path below the root.
     drafters:        names of the drafters whose trees are merged ("ngram", "heads"); None (default):
                      ("heads", "ngram") when draft heads are available for the model, else ("ngram",).
@@ -31,10 +38,20 @@ class ProPDConfig:
                      applied); more tokens per step, but the output distribution changes
                      (over-represents likely drafted tokens). Greedy decoding ignores it.
     posterior_threshold, posterior_alpha: the typical-acceptance bar (Medusa's defaults).
+    prune:           ProPD's early pruning (needs compile=True; passes/early_prune.py): after decoder
+                     layer prune_layer, tree nodes whose token is outside the top prune_topk of
+                     their parent's early prediction (and their subtrees) skip the deeper layers;
+                     lossless (pruned nodes are never accepted). Stats: propd_stats.pruned_fraction.
+    prune_layer:     L_e (0-based decoder layer); None: the early head's layer, or 1/5 of the depth
+                     with the logit lens.
+    prune_topk:      k of the top-k membership test (changing it does not recompile).
+    prune_head:      early predictor: None (a shipped early head for the model, else the logit lens),
+                     "lens" (the model's final norm + LM head on the layer-L_e state, no training) or
+                     the directory of an early head (`python -m propd_compile.early_head`).
     """
 
-    tree: str = "ngram"
-    max_tree_nodes: int = 16
+    tree: str = "dynamic"
+    max_tree_nodes: int = 32
     max_depth: int = 6
     drafters: tuple[str, ...] | None = None
     ngram_max: int = 4
@@ -45,10 +62,14 @@ class ProPDConfig:
     posterior_alpha: float = 0.3
     heads: str | None = None
     heads_topk: int = 8
+    prune: bool = False
+    prune_layer: int | None = None
+    prune_topk: int = 32
+    prune_head: str | None = None
 
     def __post_init__(self) -> None:
-        if self.tree not in ("ngram", "chain", "medusa"):
-            raise ValueError(f"ProPDConfig.tree={self.tree!r} is not supported; use 'ngram', 'chain' or 'medusa'")
+        if self.tree not in TREES:
+            raise ValueError(f"ProPDConfig.tree={self.tree!r} is not supported; use one of {TREES}")
         if self.max_tree_nodes < 1:
             raise ValueError("ProPDConfig.max_tree_nodes must be >= 1 (1 means plain greedy decoding)")
         if self.max_depth < 0:
@@ -61,6 +82,10 @@ class ProPDConfig:
             raise ValueError("ProPDConfig needs 0 <= posterior_threshold <= 1 and posterior_alpha >= 0")
         if self.heads_topk < 1:
             raise ValueError("ProPDConfig.heads_topk must be >= 1")
+        if self.prune and not self.compile:
+            raise ValueError("ProPDConfig(prune=True) needs compile=True: the prune point is a compiler pass")
+        if self.prune_topk < 1 or (self.prune_layer is not None and self.prune_layer < 0):
+            raise ValueError("ProPDConfig needs prune_topk >= 1 and prune_layer >= 0 (or None)")
         if self.drafters is not None and not self.drafters:
             raise ValueError("ProPDConfig.drafters is empty; name at least one drafter, or None for the default")
         known = {"ngram", "heads"}

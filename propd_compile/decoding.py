@@ -10,6 +10,7 @@ argmax given exactly the tokens before it, hence identical to plain greedy decod
 """
 from __future__ import annotations
 
+import dataclasses
 import time
 from dataclasses import asdict, dataclass, field
 from typing import Callable, Sequence
@@ -18,6 +19,7 @@ import torch
 
 from propd_compile.cache import TreeKVCache
 from propd_compile.drafters import Drafter
+from propd_compile.planner import StepTimer, TreePlanner
 from propd_compile.tree import TokenTree, TreeBatch
 
 # forward(input_ids [B,T], mask [B,1,T,KV] bool, position_ids [B,T], cache) -> logits [B,T,V]
@@ -39,14 +41,28 @@ class DecodeStats:
     seconds: float = 0.0
     tree_sizes: list[int] = field(default_factory=list)
     accepted: list[int] = field(default_factory=list)
+    rows: list[int] = field(default_factory=list)  # the batch row of each row step (per-row statistics)
+    # dynamic trees: relative error of the latency model's prediction for each step, made before it ran
+    latency_errors: list[float] = field(default_factory=list)
+
+    pruned_nodes: int = 0  # tree nodes an early-prune point kept out of the deep layers
 
     @property
     def tokens_per_second(self) -> float:
         return self.new_tokens / self.seconds if self.seconds > 0 else 0.0
 
+    @property
+    def pruned_fraction(self) -> float:
+        """Fraction of the verified tree nodes that skipped the layers after the prune point."""
+        total = sum(self.tree_sizes)
+        return self.pruned_nodes / total if total else 0.0
+
     def summary(self) -> dict:
-        out = {k: v for k, v in asdict(self).items() if k not in ("tree_sizes", "accepted")}
+        out = {k: v for k, v in asdict(self).items() if k not in ("tree_sizes", "accepted", "rows", "latency_errors")}
         out["tokens_per_second"] = self.tokens_per_second
+        out["pruned_fraction"] = self.pruned_fraction
+        if self.latency_errors:
+            out["latency_mape"] = sum(self.latency_errors) / len(self.latency_errors)
         return out
 
 
@@ -114,11 +130,14 @@ def tree_generate(
     stopping_criteria: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
     streamer=None,
     accept: AcceptRule = greedy_rule,
+    planner: TreePlanner | None = None,
 ) -> tuple[torch.Tensor, DecodeStats]:
     """Decode a left-padded batch with token trees; returns (sequences [B, P + N], stats).
 
     `accept` decides what each step emits (greedy by default); the token after the prompt is the
-    bonus token of a root-only tree, so the rule also picks it.
+    bonus token of a root-only tree, so the rule also picks it. With a `planner` (dynamic trees)
+    the drafters propose up to `max_tree_nodes` nodes and the planner cuts every step's trees to
+    the size it expects to be fastest, learning from each step's outcome and time.
     """
     t0 = time.perf_counter()
     needs_hidden = getattr(drafter, "needs_hidden", False)
@@ -185,17 +204,20 @@ def tree_generate(
 
     while not all(done):
         active = [b for b in range(B) if not done[b]]
-        trees = [
-            drafter.propose(b, max_tree_nodes) if not done[b] else TokenTree.root_only(generated[b][-1])
-            for b in range(B)
-        ]
+        W = cache.write_start
+        trees = [drafter.propose(b, max_tree_nodes) if not done[b] else None for b in range(B)]
+        if planner is not None:
+            if stats.steps == 0:
+                planner.warm_up(model, forward, B, W)
+            trees = planner.plan(trees, W)
+        trees = [t if t is not None else TokenTree.root_only(generated[b][-1]) for b, t in enumerate(trees)]
         batch = TreeBatch.stack(trees, pad_token=pad_token_id)
         T = batch.num_nodes
-        W = cache.write_start
         mask = torch.cat([cache.valid[:, None, :W].expand(B, T, W), batch.ancestors], dim=2)[:, None].to(device)
         positions = (torch.tensor(n_real_l)[:, None] + batch.depths).to(device)
         cache.begin_step(mask)
-        logits = forward(batch.tokens.to(device), mask, positions, cache)
+        with StepTimer(device) as timer:
+            logits = forward(batch.tokens.to(device), mask, positions, cache)
         cache.end_step()
         if needs_hidden:
             if not isinstance(logits, tuple):
@@ -204,7 +226,17 @@ def tree_generate(
         elif isinstance(logits, tuple):
             logits = logits[0]
         _check_finite(logits)
+        # --- early pruning (#5): nodes a prune point dropped (cache.keep False) are never accepted.
+        kept = cache.keep[:, :T].cpu()
+        batch = dataclasses.replace(batch, valid=batch.valid & kept)
+        deep_rows = int(kept.sum(1).max())  # rows per batch row that ran the deep layers
+        stats.pruned_nodes += sum(max(len(trees[b]) - deep_rows, 0) for b in active)
+        # --- end early pruning
         paths, bonus = accept(batch, logits)
+        if planner is not None:
+            n_errors = len(planner.latency_errors)
+            planner.observe([trees[b] for b in active], [paths[b] for b in active], timer.seconds, B, T, W)
+            stats.latency_errors += planner.latency_errors[n_errors:]
         stats.steps += 1
         step_new = []
         for b in active:
@@ -215,6 +247,7 @@ def tree_generate(
             stats.row_steps += 1
             stats.tree_sizes.append(len(trees[b]))
             stats.accepted.append(len(appended))
+            stats.rows.append(b)
             step_new.append(appended)
             if not done[b]:
                 cache.compact(b, W, path)

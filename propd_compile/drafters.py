@@ -123,14 +123,20 @@ class HeadsDrafter(Drafter):
 
     needs_hidden = True
 
-    def __init__(self, heads, lm_head, max_depth: int, topk: int = 8, static_paths=None) -> None:
-        self.heads, self.lm_head = heads, lm_head
+    def __init__(
+        self, heads, lm_head, max_depth: int, topk: int = 8, static_paths=None, embed=None, rank_stats=None
+    ) -> None:
+        if heads.root_token and embed is None:
+            raise ValueError("these heads read the root token: pass embed=model.get_input_embeddings()")
+        self.heads, self.lm_head, self.embed = heads, lm_head, embed
         self.depth = min(heads.num_heads, max_depth)
         if static_paths is not None:
             self.depth = min(self.depth, max((len(p) for p, _ in static_paths), default=0))
             static_paths = [(p, s) for p, s in static_paths if len(p) <= self.depth]  # ancestors come first
             topk = max((max(p) + 1 for p, _ in static_paths), default=1)
         self.topk, self.static_paths = topk, static_paths
+        self.rank_stats = rank_stats  # acceptance.RankStats (ProPD's P_k^i), updated from verified tokens
+        self._calls = 0
         self.last: list[int] = []
         self.top: list[tuple[list[list[float]], list[list[int]]] | None] = []
 
@@ -139,6 +145,12 @@ class HeadsDrafter(Drafter):
         self.top = [None] * len(sequences)
 
     def advance(self, row: int, tokens: Sequence[int]) -> None:
+        top = self.top[row] if self.top else None
+        if self.rank_stats is not None and top is not None:
+            # tokens[d] is the verified token at depth d + 1 of the tree drafted from `top`: head d's target
+            for d in range(min(len(top[1]), len(tokens))):
+                ids = top[1][d]
+                self.rank_stats.observe(d, ids.index(tokens[d]) if tokens[d] in ids else None)
         if tokens:
             self.last[row] = int(tokens[-1])
             self.top[row] = None  # the hidden state for the new root comes with set_hidden
@@ -146,14 +158,38 @@ class HeadsDrafter(Drafter):
     def set_hidden(self, rows: Sequence[int], hidden) -> None:
         import torch
 
-        if self.depth == 0 or not rows:
+        depth = self._useful_depth()
+        if depth == 0 or not rows:
             return
         with torch.no_grad():
-            logits = self.heads(hidden, self.lm_head, num_heads=self.depth)  # [R, D, V]
+            root = None
+            if self.heads.root_token:
+                root = self.embed(torch.tensor([self.last[r] for r in rows], device=hidden.device))
+            logits, vocab = self.heads.draft_logits(hidden, self.lm_head, num_heads=depth, root=root)  # [R, D, V']
             probs, ids = logits.float().softmax(-1).topk(min(self.topk, logits.shape[-1]), dim=-1)
+            if vocab is not None:
+                ids = vocab[ids]
         probs, ids = probs.cpu().tolist(), ids.cpu().tolist()
         for i, row in enumerate(rows):
             self.top[row] = (probs[i], ids[i])
+
+    # With rank statistics, heads that have not been right lately are skipped (they cost an LM-head
+    # product each per row and step) and consulted again every PROBE_EVERY steps, to notice recovery.
+    MIN_HIT = 0.03
+    PROBE_EVERY = 16
+
+    def _useful_depth(self) -> int:
+        if self.rank_stats is None or self.static_paths is not None:
+            return self.depth
+        self._calls += 1
+        if self._calls % self.PROBE_EVERY == 0:
+            return self.depth
+        depth = 0
+        while depth < min(self.depth, self.rank_stats.num_heads):
+            if sum(self.rank_stats.p(depth, r) for r in range(self.rank_stats.ranks)) < self.MIN_HIT:
+                break
+            depth += 1
+        return depth
 
     def propose(self, row: int, budget: int) -> TokenTree:
         from propd_compile.heads import rank_paths
@@ -190,14 +226,11 @@ class FusedDrafter(Drafter):
         return TokenTree.merge([d.propose(row, budget) for d in self.drafters], budget)
 
 
-def build_drafter(config, model=None) -> Drafter:  # config: ProPDConfig (imported lazily to avoid a cycle)
-    """The drafter for `config`; draft heads need the `model` (they use its LM head).
-
-    drafters=None picks ("heads", "ngram") when heads are available (config.heads, or heads
-    shipped for this model), else ("ngram",); tree="medusa" is the static Medusa tree alone.
-    """
+def heads_for(config, model=None):
+    """The draft heads `config` uses with `model` (None: no heads); refuses configs that need
+    heads when there are none."""
     if config.tree == "chain":
-        return NGramDrafter(config.ngram_max, config.max_depth, branching=False)
+        return None
     heads = None
     if config.tree == "medusa" or config.drafters is None or "heads" in config.drafters:
         from propd_compile.heads import resolve_heads
@@ -209,7 +242,21 @@ def build_drafter(config, model=None) -> Drafter:  # config: ProPDConfig (import
                 "draft heads are needed (tree='medusa' or drafters with 'heads') but none were found for this model; "
                 "train them with `propd train-heads --model NAME --out DIR` and pass ProPDConfig(heads=DIR)"
             )
+    return heads
+
+
+def build_drafter(config, model=None, rank_stats=None) -> Drafter:  # config: ProPDConfig (lazy import: no cycle)
+    """The drafter for `config`; draft heads need the `model` (they use its LM head).
+
+    drafters=None picks ("heads", "ngram") when heads are available (config.heads, or heads
+    shipped for this model), else ("ngram",); tree="medusa" is the static Medusa tree alone.
+    `rank_stats` (acceptance.RankStats), if given, is updated by the heads from verified tokens.
+    """
+    if config.tree == "chain":
+        return NGramDrafter(config.ngram_max, config.max_depth, branching=False)
+    heads = heads_for(config, model)
     lm_head = model.get_output_embeddings() if heads is not None else None
+    embed = model.get_input_embeddings() if heads is not None else None
     if config.tree == "medusa":
         acc = (heads.accuracy or {}).get("rank_accuracy")
         if not acc:
@@ -217,11 +264,14 @@ def build_drafter(config, model=None) -> Drafter:  # config: ProPDConfig (import
         from propd_compile.heads import rank_paths
 
         static = rank_paths(acc, config.max_tree_nodes)
-        return HeadsDrafter(heads, lm_head, config.max_depth, static_paths=static)
+        return HeadsDrafter(heads, lm_head, config.max_depth, static_paths=static, embed=embed)
     names = config.drafters if config.drafters is not None else (("heads", "ngram") if heads is not None else ("ngram",))
     made = {
         "ngram": lambda: NGramDrafter(config.ngram_max, config.max_depth),
-        "heads": lambda: HeadsDrafter(heads, lm_head, config.max_depth, topk=config.heads_topk),
+        "heads": lambda: HeadsDrafter(
+            heads, lm_head, config.max_depth, topk=config.heads_topk, embed=embed, rank_stats=rank_stats
+        ),
     }
     drafters = [made[n]() for n in names]
     return drafters[0] if len(drafters) == 1 else FusedDrafter(drafters)
+

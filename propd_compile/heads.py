@@ -2,9 +2,15 @@
 
 Head k (0-based) reads the hidden state h_t that feeds the LM head at position t (after the
 final norm; the LM head on h_t predicts token t+1) and predicts token t+k+2, i.e. k+1 steps past
-the next token:  logits_k = LMHead(h_t + SiLU(W_k h_t + b_k)).  W_k and b_k start at zero, so
-a fresh head repeats the base model's next-token prediction. The LM head is the base model's
-own, frozen and not saved (an own projection per head is an option).
+the next token:  logits_k = LMHead(h_t + SiLU(W_k h_t + b_k))  (Medusa's block). W_k and b_k
+start at zero, so a fresh head repeats the base model's next-token prediction. The LM head is
+the base model's own, frozen and not saved (an own projection per head is an option).
+
+With `root_token=True` (the default of `propd train-heads`) each head also reads the input
+embedding e of token t+1, the tree's root, which verification has already fixed when the heads
+run:  logits_k = LMHead(h_t + V_k SiLU(W_k [h_t; e] + b_k) + c_k)  (V_k, c_k zero at init).
+Knowing the next token is most of what a head at a small model lacks: on SmolLM2 held-out
+answers head 0's top-1 goes from 0.28 to 0.42 with the same data (BENCHMARKS.md, #4).
 
 On disk a heads directory holds `heads.safetensors` (the residual blocks, fp16 by default),
 `config.json` (sizes, K, and the base model's identity: name, a hash of its architecture
@@ -31,6 +37,7 @@ VERSION = 1
 WEIGHTS = "heads.safetensors"
 CONFIG = "config.json"
 ACCURACY = "accuracy.json"
+DRAFT_VOCAB = "draft_vocab"  # the tensor of draftable token ids in heads.safetensors
 SHIPPED_DIR = Path(__file__).parent / "data" / "heads"
 
 ARCH_FIELDS = (
@@ -104,53 +111,108 @@ class ResBlock(nn.Module):
         return h + F.silu(self.linear(h))
 
 
+class RootBlock(nn.Module):
+    """h + V SiLU(W [h; e] + b) + c: a residual MLP on the hidden state and the root token's
+    embedding e; V and c zero at init (the identity)."""
+
+    def __init__(self, hidden_size: int, embed_size: int) -> None:
+        super().__init__()
+        self.inner = nn.Linear(hidden_size + embed_size, hidden_size)
+        self.linear = nn.Linear(hidden_size, hidden_size)
+        nn.init.zeros_(self.linear.weight)
+        nn.init.zeros_(self.linear.bias)
+
+    def forward(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
+        return h + self.linear(F.silu(self.inner(torch.cat([h, e.to(h.dtype)], -1))))
+
+
 class MedusaHeads(nn.Module):
     def __init__(
         self, hidden_size: int, vocab_size: int, num_heads: int = 4, own_projection: bool = False,
-        base: dict | None = None,
+        base: dict | None = None, root_token: bool = False, embed_size: int | None = None,
     ) -> None:
         super().__init__()
         if num_heads < 1:
             raise ValueError("MedusaHeads needs at least one head")
         self.hidden_size, self.vocab_size, self.num_heads = hidden_size, vocab_size, num_heads
-        self.own_projection = own_projection
+        self.own_projection, self.root_token = own_projection, root_token
+        self.embed_size = (embed_size or hidden_size) if root_token else None
         self.base = base or {}
-        self.blocks = nn.ModuleList(ResBlock(hidden_size) for _ in range(num_heads))
+        self.blocks = nn.ModuleList(
+            RootBlock(hidden_size, self.embed_size) if root_token else ResBlock(hidden_size) for _ in range(num_heads)
+        )
         self.projections = (
             nn.ModuleList(nn.Linear(hidden_size, vocab_size, bias=False) for _ in range(num_heads))
             if own_projection else None
         )
         self.accuracy: dict | None = None  # accuracy.json, when loaded from a trained directory
+        # Token ids the heads may draft (the trainer's target tokens), or None for the whole
+        # vocabulary: the LM-head product then costs |draft_vocab| / V of the full one per head.
+        self.draft_vocab: torch.Tensor | None = None
+        self._draft_weight: tuple | None = None
 
     @classmethod
-    def for_model(cls, model: nn.Module, num_heads: int = 4, own_projection: bool = False) -> "MedusaHeads":
+    def for_model(
+        cls, model: nn.Module, num_heads: int = 4, own_projection: bool = False, root_token: bool = False
+    ) -> "MedusaHeads":
         cfg = _text_config(model)
         lm_head = model.get_output_embeddings()
-        heads = cls(cfg.hidden_size, lm_head.weight.shape[0], num_heads, own_projection, model_identity(model))
+        embed = model.get_input_embeddings().weight.shape[1]
+        heads = cls(cfg.hidden_size, lm_head.weight.shape[0], num_heads, own_projection, model_identity(model), root_token, embed)
         if own_projection:  # start from the base LM head, so a fresh head still equals it
             for p in heads.projections:
                 p.weight.data.copy_(lm_head.weight.detach().float())
         return heads
 
-    def features(self, hidden: torch.Tensor, num_heads: int | None = None) -> torch.Tensor:
-        """[..., H] -> [..., K, H]: each head's residual block applied to the hidden state."""
+    def features(self, hidden: torch.Tensor, num_heads: int | None = None, root: torch.Tensor | None = None) -> torch.Tensor:
+        """[..., H] -> [..., K, H]: each head's residual block applied to the hidden state; `root`
+        [..., E] is the root token's input embedding (needed iff the heads are `root_token`)."""
         blocks = self.blocks[: num_heads or self.num_heads]
+        if self.root_token:
+            if root is None:
+                raise ValueError("these heads read the root token: pass root=model.get_input_embeddings()(root_ids)")
+            return torch.stack([blk(hidden, root) for blk in blocks], dim=-2)
         return torch.stack([blk(hidden) for blk in blocks], dim=-2)
 
-    def forward(self, hidden: torch.Tensor, lm_head: nn.Module | None = None, num_heads: int | None = None) -> torch.Tensor:
-        """[..., H] -> logits [..., K, V]; `lm_head` is the base model's (unless own projections)."""
-        z = self.features(hidden, num_heads)
+    def forward(
+        self, hidden: torch.Tensor, lm_head: nn.Module | None = None, num_heads: int | None = None,
+        root: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """[..., H] -> logits [..., K, V]; `lm_head` is the base model's (unless own projections),
+        `root` the root tokens' input embeddings for `root_token` heads."""
+        z = self.features(hidden, num_heads, root)
         if self.projections is not None:
             return torch.stack([p(z[..., k, :]) for k, p in enumerate(self.projections[: z.shape[-2]])], dim=-2)
         if lm_head is None:
             raise ValueError("these heads feed the base model's LM head: pass lm_head=model.get_output_embeddings()")
         return lm_head(z.to(lm_head.weight.dtype))
 
+    def draft_logits(
+        self, hidden: torch.Tensor, lm_head: nn.Module | None = None, num_heads: int | None = None,
+        root: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(logits [..., K, V'], ids [V'] or None): the heads' logits over `draft_vocab` only
+        (all of the vocabulary without one); logits[..., j] belongs to token ids[j]."""
+        if self.draft_vocab is None or self.projections is not None:
+            return self(hidden, lm_head, num_heads, root), None
+        if lm_head is None:
+            raise ValueError("these heads feed the base model's LM head: pass lm_head=model.get_output_embeddings()")
+        w = lm_head.weight
+        key = (id(w), w._version, w.device, w.dtype)
+        if self._draft_weight is None or self._draft_weight[0] != key:
+            vocab = self.draft_vocab.to(w.device)
+            bias = getattr(lm_head, "bias", None)
+            self._draft_weight = (key, w.detach()[vocab], None if bias is None else bias.detach()[vocab], vocab)
+        _, sub_w, sub_b, vocab = self._draft_weight
+        z = self.features(hidden, num_heads, root).to(w.dtype)
+        return F.linear(z, sub_w, sub_b), vocab
+
     # --- persistence ---------------------------------------------------------------------------
     def config_dict(self) -> dict:
         return {
             "format": FORMAT, "version": VERSION, "num_heads": self.num_heads, "hidden_size": self.hidden_size,
             "vocab_size": self.vocab_size, "own_projection": self.own_projection, "base_model": self.base,
+            "root_token": self.root_token, "embed_size": self.embed_size,
         }
 
     def save(self, directory: str | Path, dtype: torch.dtype = torch.float16, accuracy: dict | None = None) -> Path:
@@ -159,6 +221,8 @@ class MedusaHeads(nn.Module):
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
         tensors = {k: v.detach().to("cpu", dtype).contiguous() for k, v in self.state_dict().items()}
+        if self.draft_vocab is not None:
+            tensors[DRAFT_VOCAB] = self.draft_vocab.detach().to("cpu", torch.int64).contiguous()
         save_file(tensors, str(directory / WEIGHTS), metadata={"format": FORMAT})
         (directory / CONFIG).write_text(json.dumps(self.config_dict(), indent=1) + "\n")
         accuracy = accuracy if accuracy is not None else self.accuracy
@@ -190,9 +254,13 @@ class MedusaHeads(nn.Module):
                     f"the draft heads in {directory} do not fit this model: {why}. Train heads for it with "
                     "`propd train-heads --model NAME --out DIR` and pass ProPDConfig(heads=DIR)"
                 )
-        heads = cls(cfg["hidden_size"], cfg["vocab_size"], cfg["num_heads"], cfg["own_projection"], cfg["base_model"])
-        state = {k: v.float() for k, v in load_file(str(directory / WEIGHTS)).items()}
-        heads.load_state_dict(state)
+        heads = cls(
+            cfg["hidden_size"], cfg["vocab_size"], cfg["num_heads"], cfg["own_projection"], cfg["base_model"],
+            cfg.get("root_token", False), cfg.get("embed_size"),
+        )
+        state = load_file(str(directory / WEIGHTS))
+        heads.draft_vocab = state.pop(DRAFT_VOCAB, None)
+        heads.load_state_dict({k: v.float() for k, v in state.items()})
         if (directory / ACCURACY).exists():
             heads.accuracy = json.loads((directory / ACCURACY).read_text())
         return heads.eval()

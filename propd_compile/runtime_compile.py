@@ -18,12 +18,14 @@ from propd_compile.decoding import Forward, eager_forward
 import propd_compile.backend  # noqa: F401  (registers "propd" when the entry point is absent)
 
 
-def compiled_forward(model: torch.nn.Module, config: ProPDConfig, hidden: bool = False) -> Forward:
+def compiled_forward(
+    model: torch.nn.Module, config: ProPDConfig, hidden: bool = False, options: dict | None = None
+) -> Forward:
     """`decoding.eager_forward(model, hidden)` compiled; with `hidden` it returns (logits, last
-    hidden state)."""
-    compiled = torch.compile(
-        eager_forward(model, hidden=hidden), backend="propd", dynamic=True, options=dict(config.backend_options)
-    )
+    hidden state). `options`: the backend options (default: config.backend_options; `api.forward_for`
+    adds the resolved `prune` option)."""
+    options = dict(config.backend_options) if options is None else options
+    compiled = torch.compile(eager_forward(model, hidden=hidden), backend="propd", dynamic=True, options=options)
 
     def forward(input_ids, mask, position_ids, cache):
         # No duck sizing: two sizes that happen to be equal at compile time (batch and tree size,

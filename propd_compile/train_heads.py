@@ -28,7 +28,7 @@ import math
 import random
 import re
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Sequence
 
@@ -61,6 +61,14 @@ STYLES = (
     "Write one question a beginner could ask about {topic}. Only write the question.",
     "Write a short instruction asking for a simple explanation of something about {topic}. Only the instruction.",
     "Write a question someone could ask a friend who knows a lot about {topic}. Reply with the question only.",
+    # task types, so the answers cover writing, arithmetic, code, role play, extraction and comparison
+    "Write a request asking an assistant to write a short poem or story about {topic}. Reply with the request only.",
+    "Write a request asking an assistant to draft a friendly email about {topic}. Reply with the request only.",
+    "Write a simple math word problem about {topic} that needs a few calculation steps. Reply with the problem only.",
+    "Write a request asking for a short Python function that would help with {topic}. Reply with the request only.",
+    "Write a request asking an assistant to pretend to be an expert in {topic} and give advice. Reply with the request only.",
+    "Write two sentences of facts about {topic}, then ask for the key facts as a list. Reply with that text only.",
+    "Write a question asking to compare two options related to {topic}. Reply with the question only.",
 )
 
 
@@ -80,6 +88,8 @@ class TrainSettings:
     holdout: float = 0.1
     ranks: int = 10  # ranks for the per-(head, rank) accuracies
     own_projection: bool = False
+    root_token: bool = True  # heads also read the root token's embedding (heads.RootBlock)
+    eval_mt_bench: bool = True  # also report accuracy on greedy answers to MT-Bench (never trained on)
     save_dtype: str = "float16"
     seed: int = 0
     max_positions: int | None = None  # cap on training positions (None: all)
@@ -331,9 +341,10 @@ def answer_and_cache(model, prompt_rows: Sequence[Sequence[int]], settings: Trai
     return stats
 
 
-def load_dataset(work: Path, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(hidden [N, H] fp16, targets [N, K] long with -100 past the answer, example id [N])."""
-    hs, ts, ex = [], [], []
+def load_dataset(work: Path, num_heads: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hidden [N, H] fp16, root [N] the token each hidden state produced, targets [N, K] long
+    with -100 past the answer, example id [N])."""
+    hs, rs, ts, ex = [], [], [], []
     for path in sorted((work / "answers").glob("*.pt")):
         shard = torch.load(path, weights_only=True)
         hs.append(shard["hidden"])
@@ -341,6 +352,7 @@ def load_dataset(work: Path, num_heads: int) -> tuple[torch.Tensor, torch.Tensor
             m = len(ans)
             tgt = torch.full((m, num_heads), -100, dtype=torch.long)
             a = torch.tensor(ans, dtype=torch.long)
+            rs.append(a)
             for k in range(num_heads):
                 if m > k + 1:
                     tgt[: m - k - 1, k] = a[k + 1 :]
@@ -348,33 +360,43 @@ def load_dataset(work: Path, num_heads: int) -> tuple[torch.Tensor, torch.Tensor
             ex.append(torch.full((m,), int(pid), dtype=torch.long))
     if not hs:
         raise RuntimeError(f"no cached answers in {work / 'answers'}")
-    hidden, targets, example = torch.cat(hs), torch.cat(ts), torch.cat(ex)
+    hidden, root, targets, example = torch.cat(hs), torch.cat(rs), torch.cat(ts), torch.cat(ex)
     keep = (targets != -100).any(1)
-    return hidden[keep], targets[keep], example[keep]
+    return hidden[keep], root[keep], targets[keep], example[keep]
 
 
 # --- training ------------------------------------------------------------------------------------
-def _head_loss(heads: MedusaHeads, lm_head, x: torch.Tensor, y: torch.Tensor, vocab: torch.Tensor | None) -> torch.Tensor:
-    """Cross-entropy of every head; with `vocab`, the softmax runs over those tokens only and y
-    indexes into them."""
+def _head_loss(
+    heads: MedusaHeads, lm_head, x: torch.Tensor, e: torch.Tensor | None, y: torch.Tensor, vocab: torch.Tensor | None
+) -> torch.Tensor:
+    """Cross-entropy of every head (e: root embeddings); with `vocab`, the softmax runs over
+    those tokens only and y indexes into them."""
     if vocab is None:
-        logits = heads(x, lm_head)  # [b, K, V]
+        logits = heads(x, lm_head, root=e)  # [b, K, V]
     else:
         bias = lm_head.bias[vocab] if getattr(lm_head, "bias", None) is not None else None
-        z = heads.features(x).to(lm_head.weight.dtype)
+        z = heads.features(x, root=e).to(lm_head.weight.dtype)
         logits = F.linear(z, lm_head.weight[vocab], bias)  # [b, K, |vocab|]
     return F.cross_entropy(logits.flatten(0, 1).float(), y.flatten(), ignore_index=-100)
 
 
 @torch.no_grad()
-def evaluate(heads: MedusaHeads, lm_head, hidden: torch.Tensor, targets: torch.Tensor, ranks: int, batch: int = 512) -> dict:
+def evaluate(
+    heads: MedusaHeads, model, hidden: torch.Tensor, root: torch.Tensor, targets: torch.Tensor, ranks: int, batch: int = 512
+) -> dict:
     """Per head: top-1, top-5 and P(rank-r prediction is the target) for r < ranks."""
     K = heads.num_heads
     hits = torch.zeros(K, ranks)
     count = torch.zeros(K)
+    lm_head = model.get_output_embeddings()
     for i in range(0, len(hidden), batch):
         x, y = hidden[i : i + batch].float(), targets[i : i + batch]
-        top = heads(x, lm_head).topk(ranks, dim=-1).indices  # [b, K, R]
+        e = _root_embeddings(model, heads, root[i : i + batch])
+        logits, vocab = heads.draft_logits(x, lm_head, root=e)  # what the drafter sees
+        top = logits.topk(min(ranks, logits.shape[-1]), dim=-1).indices  # [b, K, R]
+        if vocab is not None:
+            top = vocab[top]
+        top = F.pad(top, (0, ranks - top.shape[-1]), value=-1)  # fewer draftable tokens than ranks
         valid = y != -100
         hits += ((top == y[..., None]) & valid[..., None]).sum(0).float()
         count += valid.sum(0).float()
@@ -387,24 +409,28 @@ def evaluate(heads: MedusaHeads, lm_head, hidden: torch.Tensor, targets: torch.T
     }
 
 
+def _root_embeddings(model, heads: MedusaHeads, root: torch.Tensor) -> torch.Tensor | None:
+    return model.get_input_embeddings()(root).float() if heads.root_token else None
+
+
 def train(model, work: Path, settings: TrainSettings) -> tuple[MedusaHeads, dict]:
     from tqdm.auto import tqdm
 
-    hidden, targets, example = load_dataset(work, settings.num_heads)
+    hidden, root, targets, example = load_dataset(work, settings.num_heads)
     ids = sorted(set(example.tolist()))
     rng = random.Random(settings.seed)
     rng.shuffle(ids)
     n_hold = max(1, round(len(ids) * settings.holdout)) if len(ids) > 1 else 0
     held = torch.isin(example, torch.tensor(ids[:n_hold], dtype=torch.long))
-    tr_h, tr_t = hidden[~held], targets[~held]
+    tr_h, tr_r, tr_t = hidden[~held], root[~held], targets[~held]
     if settings.max_positions is not None:
-        tr_h, tr_t = tr_h[: settings.max_positions], tr_t[: settings.max_positions]
-    ho_h, ho_t = hidden[held], targets[held]
+        tr_h, tr_r, tr_t = tr_h[: settings.max_positions], tr_r[: settings.max_positions], tr_t[: settings.max_positions]
+    ho_h, ho_r, ho_t = hidden[held], root[held], targets[held]
     if len(ho_h) == 0:  # a single example: evaluate on the training data
-        ho_h, ho_t = tr_h, tr_t
+        ho_h, ho_r, ho_t = tr_h, tr_r, tr_t
 
     torch.manual_seed(settings.seed)
-    heads = MedusaHeads.for_model(model, settings.num_heads, settings.own_projection)
+    heads = MedusaHeads.for_model(model, settings.num_heads, settings.own_projection, settings.root_token)
     lm_head = model.get_output_embeddings()
     vocab = None
     if settings.train_vocab == "seen" and not settings.own_projection:
@@ -413,6 +439,7 @@ def train(model, work: Path, settings: TrainSettings) -> tuple[MedusaHeads, dict
         remap[vocab] = torch.arange(len(vocab))
         tr_t = torch.where(tr_t == -100, -100, remap[tr_t.clamp(min=0)])
         log.info("training softmax over %d seen tokens of %d", len(vocab), lm_head.weight.shape[0])
+        heads.draft_vocab = vocab  # the heads draft only tokens they were trained to predict
     for p in model.parameters():
         p.requires_grad_(False)
     opt = torch.optim.AdamW(heads.parameters(), lr=settings.lr, weight_decay=settings.weight_decay)
@@ -424,8 +451,12 @@ def train(model, work: Path, settings: TrainSettings) -> tuple[MedusaHeads, dict
     )
     ckpt_path = work / "checkpoint.pt"
     epoch, history = 0, []
-    if ckpt_path.exists():
-        ckpt = torch.load(ckpt_path, weights_only=False)
+    ckpt = torch.load(ckpt_path, weights_only=False) if ckpt_path.exists() else None
+    model_keys = ("num_heads", "root_token", "own_projection", "train_vocab", "seed", "holdout", "max_positions")
+    if ckpt is not None and any(ckpt.get("settings", {}).get(k) != getattr(settings, k) for k in model_keys):
+        log.warning("ignoring %s: it was trained with other settings; training restarts", ckpt_path)
+        ckpt = None
+    if ckpt is not None:
         heads.load_state_dict(ckpt["heads"])
         opt.load_state_dict(ckpt["optimizer"])
         sched.load_state_dict(ckpt["scheduler"])
@@ -441,7 +472,8 @@ def train(model, work: Path, settings: TrainSettings) -> tuple[MedusaHeads, dict
         for s in range(steps_per_epoch):
             t0 = time.perf_counter()
             idx = perm[s * settings.batch_size : (s + 1) * settings.batch_size]
-            loss = _head_loss(heads, lm_head, tr_h[idx].float(), tr_t[idx], vocab)
+            e = _root_embeddings(model, heads, tr_r[idx])
+            loss = _head_loss(heads, lm_head, tr_h[idx].float(), e, tr_t[idx], vocab)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -452,25 +484,48 @@ def train(model, work: Path, settings: TrainSettings) -> tuple[MedusaHeads, dict
             bar.set_postfix(epoch=epoch + 1, loss=f"{running / (s + 1):.3f}")
         epoch += 1
         heads.eval()
-        acc = evaluate(heads, lm_head, ho_h, ho_t, settings.ranks)
+        acc = evaluate(heads, model, ho_h, ho_r, ho_t, settings.ranks)
         heads.train()
         history.append({"epoch": epoch, "train_loss": running / steps_per_epoch, "top1": acc["top1"], "top5": acc["top5"]})
         bar.write(f"epoch {epoch}: loss {running / steps_per_epoch:.3f}, held-out top-1 {acc['top1']}, top-5 {acc['top5']}")
         tmp = ckpt_path.with_suffix(".part")
         torch.save(
             {"heads": heads.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-             "epoch": epoch, "history": history}, tmp,
+             "epoch": epoch, "history": history, "settings": asdict(settings)}, tmp,
         )
         tmp.rename(ckpt_path)
     bar.close()
     heads.eval()
-    acc = evaluate(heads, lm_head, ho_h, ho_t, settings.ranks)
+    acc = evaluate(heads, model, ho_h, ho_r, ho_t, settings.ranks)
     acc.update(
         history=history, train_positions=len(tr_h), held_out_positions=len(ho_h),
         held_out_examples=n_hold, step_seconds=(sum(step_times) / len(step_times)) if step_times else None,
         train_vocab=len(vocab) if vocab is not None else int(lm_head.weight.shape[0]),
     )
     return heads, acc
+
+
+MT_BENCH_BATCH = 40  # the 80 questions in two batches, whatever the training batch size
+
+
+@torch.no_grad()
+def mt_bench_accuracy(model, tokenizer, heads: MedusaHeads, work: Path, settings: TrainSettings) -> dict:
+    """Per-head accuracy on the base model's greedy answers to the 80 MT-Bench turn-1 questions.
+
+    Evaluation only: these answers never enter training (they live in `work/mt_bench`, apart
+    from the training shards). Answering is cached, so re-evaluating new heads is cheap.
+    """
+    from propd_compile.prompts import mt_bench
+
+    rows = []
+    for q in mt_bench():
+        r = tokenizer.apply_chat_template([{"role": "user", "content": q.turns[0]}], add_generation_prompt=True, tokenize=True)
+        rows.append(list(r["input_ids"] if hasattr(r, "keys") else r))
+    answer_and_cache(model, rows, replace(settings, gen_batch_size=MT_BENCH_BATCH), work / "mt_bench")
+    hidden, root, targets, _ = load_dataset(work / "mt_bench", heads.num_heads)
+    acc = evaluate(heads.eval(), model, hidden, root, targets, settings.ranks)
+    acc["questions"] = len(rows)
+    return acc
 
 
 # --- the whole recipe ------------------------------------------------------------------------------
@@ -543,6 +598,10 @@ def train_heads(
     heads, acc = train(model, work, settings)
     report["training"] = {"seconds": round(time.perf_counter() - t0, 1), "cpu_seconds": round(time.process_time() - c0, 1)}
     report.update(acc)
+    if tokenizer is not None and settings.eval_mt_bench:
+        t0 = time.perf_counter()
+        report["mt_bench"] = mt_bench_accuracy(model, tokenizer, heads, work, settings)
+        report["mt_bench"]["seconds"] = round(time.perf_counter() - t0, 1)
     report["total_seconds"] = round(time.perf_counter() - t_start, 1)
     heads.save(out, dtype=getattr(torch, settings.save_dtype), accuracy=report)
     (out / "work" / "report.json").write_text(json.dumps(report, indent=1))

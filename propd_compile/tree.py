@@ -18,11 +18,13 @@ class TokenTree:
     tokens: tuple[int, ...]
     parents: tuple[int, ...]  # parents[0] == -1
     scores: tuple[float, ...]  # drafter confidence that the path to this node is accepted
+    # the rank among its head's candidates of a node the draft heads proposed, else -1 (None: all -1)
+    ranks: tuple[int, ...] | None = None
 
     def __post_init__(self) -> None:
         n = len(self.tokens)
-        if n == 0 or len(self.parents) != n or len(self.scores) != n:
-            raise ValueError("a TokenTree needs a root and one parent and score per token")
+        if n == 0 or len(self.parents) != n or len(self.scores) != n or (self.ranks is not None and len(self.ranks) != n):
+            raise ValueError("a TokenTree needs a root and one parent and score (and rank, if any) per token")
         if self.parents[0] != -1:
             raise ValueError("node 0 must be the root (parent -1)")
         seen: set[tuple[int, int]] = set()
@@ -63,7 +65,10 @@ class TokenTree:
         return cls._best(tokens, parents, scores, depth, budget)
 
     @classmethod
-    def _best(cls, tokens: list[int], parents: list[int], scores: list[float], depth: list[int], budget: int) -> "TokenTree":
+    def _best(
+        cls, tokens: list[int], parents: list[int], scores: list[float], depth: list[int], budget: int,
+        ranks: list[int] | None = None,
+    ) -> "TokenTree":
         """The `budget` best nodes of a trie (root included) whose scores never grow along a path."""
         # A parent was inserted before its child, and its score is >= the child's, so sorting
         # by (-score, depth, insertion order) keeps parents ahead of children.
@@ -74,6 +79,7 @@ class TokenTree:
             (tokens[0], *(tokens[i] for i in keep)),
             (-1, *(new_index[parents[i]] for i in keep)),
             (1.0, *(scores[i] for i in keep)),
+            None if ranks is None else (-1, *(ranks[i] for i in keep)),
         )
 
     @classmethod
@@ -87,14 +93,15 @@ class TokenTree:
         head d's top-k) describe a tree this way; distinct tokens per depth keep siblings distinct.
         """
         index: dict[tuple[int, ...], int] = {(): 0}
-        tokens, parents, scores = [root], [-1], [1.0]
+        tokens, parents, scores, ranks = [root], [-1], [1.0], [-1]
         for path, score in paths:
             path = tuple(path)
             index[path] = len(tokens)
             tokens.append(int(table[len(path) - 1][path[-1]]))
             parents.append(index[path[:-1]])
             scores.append(float(score))
-        return cls(tuple(tokens), tuple(parents), tuple(scores))
+            ranks.append(int(path[-1]))
+        return cls(tuple(tokens), tuple(parents), tuple(scores), tuple(ranks))
 
     @classmethod
     def merge(cls, trees: Sequence["TokenTree"], budget: int) -> "TokenTree":
@@ -110,9 +117,10 @@ class TokenTree:
         if any(t.tokens[0] != root for t in trees):
             raise ValueError("TokenTree.merge: the trees have different roots")
         children: dict[tuple[int, int], int] = {}
-        tokens, parents, miss, depth = [root], [-1], [0.0], [0]
+        tokens, parents, miss, depth, ranks = [root], [-1], [0.0], [0], [-1]
         for tree in trees:
             where = [0] * len(tree)
+            tree_ranks = tree.head_ranks
             for i in range(1, len(tree)):
                 key = (where[tree.parents[i]], tree.tokens[i])
                 if key not in children:
@@ -121,12 +129,35 @@ class TokenTree:
                     parents.append(key[0])
                     miss.append(1.0)
                     depth.append(depth[key[0]] + 1)
+                    ranks.append(-1)
                 where[i] = node = children[key]
                 miss[node] *= 1.0 - min(max(float(tree.scores[i]), 0.0), 1.0)
-        return cls._best(tokens, parents, [1.0 - m for m in miss], depth, budget)
+                if tree_ranks[i] >= 0:
+                    ranks[node] = tree_ranks[i]
+        has_ranks = any(t.ranks is not None for t in trees)
+        return cls._best(tokens, parents, [1.0 - m for m in miss], depth, budget, ranks if has_ranks else None)
+
+    def subtree(self, nodes: Sequence[int]) -> "TokenTree":
+        """The tree of `nodes` (ancestor-closed, root included), renumbered in their old order."""
+        keep = sorted(set(nodes))
+        if not keep or keep[0] != 0:
+            raise ValueError("a subtree keeps the root")
+        new_index = {old: k for k, old in enumerate(keep)}
+        try:
+            parents = tuple(-1 if old == 0 else new_index[self.parents[old]] for old in keep)
+        except KeyError:
+            raise ValueError("subtree nodes must be ancestor-closed") from None
+        return TokenTree(
+            tuple(self.tokens[i] for i in keep), parents, tuple(self.scores[i] for i in keep),
+            None if self.ranks is None else tuple(self.ranks[i] for i in keep),
+        )
 
     def __len__(self) -> int:
         return len(self.tokens)
+
+    @property
+    def head_ranks(self) -> tuple[int, ...]:
+        return self.ranks if self.ranks is not None else (-1,) * len(self)
 
     @property
     def depths(self) -> tuple[int, ...]:

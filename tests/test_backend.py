@@ -153,7 +153,7 @@ def test_option_types_validated(options):
 def test_options_unknown_keys_ignored(caplog):
     caplog.set_level(logging.DEBUG, logger="propd_compile.backend")
     assert validate_options(None) == {}
-    opts = validate_options({"prune": {"layer": 1}, "whatever": 3, "tree_attention": True})
+    opts = validate_options({"prune": {"layer": 1, "predictor": 0}, "whatever": 3, "tree_attention": True})
     assert opts["whatever"] == 3
     assert any("whatever" in r.getMessage() for r in caplog.records)
     with pytest.raises(TypeError):

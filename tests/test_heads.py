@@ -20,12 +20,12 @@ from propd_compile.tree import TokenTree
 RANK_ACC = [[0.6, 0.2, 0.1, 0.05], [0.4, 0.2, 0.1], [0.3, 0.1], [0.2, 0.1]]
 
 
-def random_heads(model, num_heads=4, seed=0, scale=0.5):
+def random_heads(model, num_heads=4, seed=0, scale=0.5, root_token=False):
     torch.manual_seed(seed)
-    heads = MedusaHeads.for_model(model, num_heads)
+    heads = MedusaHeads.for_model(model, num_heads, root_token=root_token)
     for blk in heads.blocks:
-        torch.nn.init.normal_(blk.linear.weight, std=scale)
-        torch.nn.init.normal_(blk.linear.bias, std=scale)
+        for p in blk.parameters():
+            torch.nn.init.normal_(p, std=scale)
     return heads
 
 
@@ -37,8 +37,11 @@ def heads_dirs(tmp_path_factory):
     for arch in ARCHS:
         for seed in range(2):
             model = tiny_model(arch, seed=seed)
-            for kind in ("random", "fresh"):
-                heads = random_heads(model, seed=seed) if kind == "random" else MedusaHeads.for_model(model, 4)
+            for kind in ("random", "fresh", "root"):
+                heads = (
+                    random_heads(model, seed=seed, root_token=kind == "root") if kind != "fresh"
+                    else MedusaHeads.for_model(model, 4)
+                )
                 out[arch, seed, kind] = heads.save(root / f"{arch}-{seed}-{kind}", accuracy={"rank_accuracy": RANK_ACC})
     return out
 
@@ -54,23 +57,58 @@ def test_fresh_heads_repeat_the_base_next_token_prediction():
         assert torch.equal(out[:, k], model.get_output_embeddings()(h))
 
 
+def test_fresh_root_token_heads_repeat_the_base_prediction_and_read_the_root():
+    model = tiny_model("llama")
+    heads = MedusaHeads.for_model(model, 2, root_token=True)
+    h, lm, emb = torch.randn(5, 32), model.get_output_embeddings(), model.get_input_embeddings()
+    e = emb(torch.tensor([3, 4, 5, 6, 7]))
+    assert torch.equal(heads(h, lm, root=e)[:, 1], lm(h))
+    with pytest.raises(ValueError, match="root"):
+        heads(h, lm)
+    trained = random_heads(model, 2, root_token=True)
+    assert not torch.allclose(trained(h, lm, root=e), trained(h, lm, root=emb(torch.tensor([8, 9, 10, 11, 12]))))
+
+
+@pytest.mark.parametrize("root_token", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-def test_save_load_round_trip(tmp_path, dtype):
+def test_save_load_round_trip(tmp_path, dtype, root_token):
     model = tiny_model("qwen2")
-    heads = random_heads(model, 3)
+    heads = random_heads(model, 3, root_token=root_token)
     heads.save(tmp_path, dtype=dtype, accuracy={"rank_accuracy": RANK_ACC[:3], "top1": [0.5, 0.4, 0.3]})
     loaded = MedusaHeads.load(tmp_path, model)
     expected = heads
     if dtype != torch.float32:  # the stored weights are rounded; the loaded heads compute in fp32
-        expected = MedusaHeads.for_model(model, 3)
+        expected = MedusaHeads.for_model(model, 3, root_token=root_token)
         expected.load_state_dict({k: v.to(dtype).float() for k, v in heads.state_dict().items()})
     h = torch.randn(7, 32)
+    e = model.get_input_embeddings()(torch.arange(7)) if root_token else None
     lm = model.get_output_embeddings()
-    assert torch.equal(loaded(h, lm), expected(h, lm))
+    assert loaded.root_token == root_token
+    assert torch.equal(loaded(h, lm, root=e), expected(h, lm, root=e))
     assert loaded.accuracy["top1"] == [0.5, 0.4, 0.3]
     cfg = json.loads((tmp_path / "config.json").read_text())
     assert cfg["num_heads"] == 3 and cfg["hidden_size"] == 32 and cfg["vocab_size"] == VOCAB
     assert {"name", "config_hash", "architecture", "probe"} <= set(cfg["base_model"])
+
+
+def test_draft_vocabulary_restricts_the_drafts_and_round_trips(tmp_path):
+    model = tiny_model("llama")
+    heads = random_heads(model, 2, root_token=True)
+    vocab = torch.tensor([5, 9, 17, 30, 41])
+    heads.draft_vocab = vocab
+    heads.save(tmp_path, dtype=torch.float16)
+    loaded = MedusaHeads.load(tmp_path, model)
+    assert torch.equal(loaded.draft_vocab, vocab)
+    h, lm, emb = torch.randn(3, 32), model.get_output_embeddings(), model.get_input_embeddings()
+    e = emb(torch.tensor([1, 2, 3]))
+    logits, ids = loaded.draft_logits(h, lm, root=e)
+    assert torch.equal(ids, vocab)
+    assert torch.allclose(logits, loaded(h, lm, root=e)[..., vocab], atol=1e-5)  # the same logits, fewer columns
+    drafter = HeadsDrafter(loaded, lm, max_depth=2, topk=3, embed=emb)
+    drafter.start([[4, 5, 6]])
+    drafter.set_hidden([0], h[:1])
+    tree = drafter.propose(0, 10)
+    assert len(tree) == 10 and set(tree.tokens[1:]) <= set(vocab.tolist())
 
 
 def test_own_projection_round_trip(tmp_path):
@@ -225,7 +263,7 @@ CONFIGS = {
 @pytest.mark.parametrize("arch", ARCHS)
 @settings(deadline=None, max_examples=20, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(
-    rows=prompts(), mode=st.sampled_from(sorted(CONFIGS)), kind=st.sampled_from(["random", "fresh"]),
+    rows=prompts(), mode=st.sampled_from(sorted(CONFIGS)), kind=st.sampled_from(["random", "fresh", "root"]),
     budget=st.integers(1, 24), seed=st.integers(0, 1), new=st.integers(1, 24),
 )
 def test_heads_decoding_equals_hf_greedy(heads_dirs, arch, rows, mode, kind, budget, seed, new):
@@ -362,7 +400,7 @@ def test_compiled_decoding_with_heads_is_lossless(heads_dirs):
 
     torch._dynamo.reset()
     model = tiny_model("llama", seed=1)
-    config = ProPDConfig(compile=True, heads=str(heads_dirs["llama", 1, "random"]), max_tree_nodes=10)
+    config = ProPDConfig(compile=True, heads=str(heads_dirs["llama", 1, "root"]), max_tree_nodes=10)
     propd_compile.accelerate(model, config)
     warm_up(model, config)
     before = counters["stats"]["unique_graphs"]

@@ -73,11 +73,12 @@ def hf_attention(q, k, v, mask):
 
 # --------------------------------------------------------------------------------------------
 def test_pass_list_and_report_type():
-    assert pass_names() == ["tree_attention"]
+    assert pass_names() == ["tree_attention", "early_prune"]
     q, k, v, mask = qkv()
     gm, _ = capture(hf_attention, q, k, v, mask)
     reports = run_passes(gm, {})
-    assert [r.name for r in reports] == ["tree_attention"] and isinstance(reports[0], PassReport)
+    assert [r.name for r in reports] == ["tree_attention", "early_prune"] and isinstance(reports[0], PassReport)
+    assert not reports[1].enabled  # no `prune` option: no prune point
     assert reports[0].rewritten == 1 and reports[0].changed
     gm2, _ = capture(hf_attention, q, k, v, mask)
     assert run_passes(gm2, {"tree_attention": False})[0].enabled is False

@@ -3,7 +3,6 @@ import pytest
 import torch
 
 from propd_compile import ProPDConfig, accelerate, models, prompts, restore
-from propd_compile.cli import main
 
 pytestmark = pytest.mark.real_model
 
@@ -34,14 +33,6 @@ def test_embedded_model_loads_from_the_cache(smollm):
     assert tok.padding_side == "left" and tok.pad_token is not None
     again, _ = models.load()
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
-
-
-def test_bench_quick_smoke(tmp_path, capsys):
-    """`propd bench --quick` runs end to end and checks losslessness (never speed)."""
-    out = tmp_path / "bench.json"
-    assert main(["bench", "--quick", "--json", str(out)]) == 0
-    table = capsys.readouterr().out
-    assert "| propd | 1 |" in table and "| hf_greedy | 1 |" in table and out.exists()
 
 
 def test_compiled_decoding_of_smollm2_is_identical_and_never_recompiles(smollm):

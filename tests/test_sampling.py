@@ -220,16 +220,18 @@ def test_typical_acceptance_is_lossy():
 
 
 @pytest.mark.parametrize("warp", ["t1", "t0.7"])
-def test_generate_samples_exactly_with_the_ngram_drafter_and_eos(warp):
+@pytest.mark.parametrize("tree", ["fixed", "dynamic"])
+def test_generate_samples_exactly_with_the_ngram_drafter_and_eos(warp, tree):
     model = _peaky_model(seed=5)
-    accelerate(model, ProPDConfig(max_tree_nodes=8))
+    accelerate(model, ProPDConfig(max_tree_nodes=8, tree=tree))
     n = 4000
     ids = torch.tensor([PROMPT] * n)
     torch.manual_seed(3)
     out = model.generate(ids, max_new_tokens=3, do_sample=True, eos_token_id=EOS, pad_token_id=PAD, **HF_KWARGS[warp])
     joint = _exact_joint(model, WARPERS[warp], eos=EOS)
     assert joint[:, :, EOS].sum() + joint[:, EOS].sum() + joint[EOS].sum() > 0.1  # EOS matters here
-    assert model.propd_stats.mean_tree_nodes > 2  # the prompt repeats: the drafter proposes trees
+    if tree == "fixed":  # (the dynamic tree mostly picks plain steps for 4000 rows at once)
+        assert model.propd_stats.mean_tree_nodes > 2  # the prompt repeats: the drafter proposes trees
     assert _chi_square_p_value(out[:, len(PROMPT):], joint) > 1e-3
 
 
@@ -240,7 +242,7 @@ def test_sampling_is_reproducible_and_handles_eos_and_stopping_in_batches():
             return torch.tensor([input_ids.shape[1] >= 13] * input_ids.shape[0])
 
     model = _peaky_model(seed=4)
-    accelerate(model)
+    accelerate(model, ProPDConfig(tree="fixed"))  # dynamic tree shapes follow measured times: not reproducible
     ids, mask = left_padded([[7, 8, 9, 7, 8, 9, 7], [10, 11, 12], [13], [6, 6, 6, 6]] * 8)
     P = ids.shape[1]
     kw = dict(attention_mask=mask, max_new_tokens=24, do_sample=True, temperature=0.8, eos_token_id=EOS)

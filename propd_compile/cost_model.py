@@ -1,0 +1,205 @@
+"""How long a verification step takes: ProPD's weighted-regression latency estimator.
+
+A step verifies B rows of T tree nodes each over a KV cache of length KV. On these machines the
+time is close to linear in a handful of features, with step changes: one token (B T = 1) runs
+matrix-vector kernels, more tokens matrix-matrix ones (../shared/research/measurements.md: 2
+tokens cost 1.6x one, 32 tokens 2x), and a tree (T > 1) takes the model's multi-query attention
+path. With pruning, the deep layers see only the survivors, so the tokens before and after
+pruning are separate features:
+
+    t ~ b0 + b1 [B T > 1] + b2 [T > 1] + b3 B + b4 B T + b5 B T_kept + b6 B KV + b7 B T KV
+
+The fit is least squares with recency weights exp(-age / half_life * ln 2) (ProPD weights stale
+measurements less), a small ridge term so collinear features (T_kept = T without pruning) stay
+solvable, and non-negative predictions. It is refit online from every measured step, and
+`propd calibrate` measures this machine offline (`calibrate`), reports the error on held-out
+steps and saves the fit, which warm-starts decoding.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import torch
+
+FEATURES = ("1", "B*T>1", "T>1", "B", "B*T", "B*T_kept", "B*KV/1k", "B*T*KV/1k")
+
+
+def features(batch: int, tree: int, kept: float, kv: int) -> list[float]:
+    """The regression features of a step: B rows, T nodes per row, `kept` of them past pruning."""
+    return [
+        1.0, float(batch * tree > 1), float(tree > 1), float(batch), float(batch * tree), float(batch * kept),
+        batch * kv / 1e3, batch * tree * kv / 1e3,
+    ]
+
+
+@dataclass
+class LatencyModel:
+    """Online recency-weighted least squares of step seconds on `features`."""
+
+    half_life: float = 256.0  # steps
+    ridge: float = 1e-6
+    max_points: int = 2048
+    refit_every: int = 16
+    coef: list[float] | None = None
+    points: list[tuple[list[float], float, int]] = field(default_factory=list)  # (x, seconds, step)
+    step: int = 0
+    _since_fit: int = 0
+
+    def observe(self, x: Sequence[float], seconds: float) -> None:
+        self.points.append((list(x), float(seconds), self.step))
+        self.step += 1
+        if len(self.points) > self.max_points:
+            del self.points[: len(self.points) - self.max_points]
+        self._since_fit += 1
+        if self.coef is None or self._since_fit >= self.refit_every:
+            self.fit()
+
+    def fit(self) -> None:
+        """Refit on the kept points, newest weighted most; keeps the old fit if there is no data."""
+        if not self.points:
+            return
+        X = torch.tensor([p[0] for p in self.points], dtype=torch.float64)
+        y = torch.tensor([p[1] for p in self.points], dtype=torch.float64)
+        age = torch.tensor([self.step - 1 - p[2] for p in self.points], dtype=torch.float64)
+        w = torch.exp(-age * math.log(2) / self.half_life)
+        scale = X.abs().amax(0).clamp(min=1e-12)  # features on one scale, so one ridge fits all
+        Xs = X / scale
+        A = Xs.T @ (w[:, None] * Xs) + self.ridge * w.sum() * torch.eye(X.shape[1], dtype=torch.float64)
+        beta = torch.linalg.solve(A, Xs.T @ (w * y)) / scale
+        self.coef = beta.tolist()
+        self._since_fit = 0
+
+    @property
+    def ready(self) -> bool:
+        return self.coef is not None
+
+    def predict(self, x: Sequence[float]) -> float:
+        if self.coef is None:
+            raise RuntimeError("LatencyModel.predict before any step was observed or a calibration loaded")
+        return max(sum(c * v for c, v in zip(self.coef, x)), 1e-6)
+
+    def mape(self, points: Sequence[tuple[Sequence[float], float]]) -> float:
+        """Mean absolute percentage error of the predictions on (features, seconds) pairs."""
+        return sum(abs(self.predict(x) - t) / t for x, t in points) / max(len(points), 1)
+
+    # --- persistence ------------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return {"features": list(FEATURES), "coef": self.coef, "half_life": self.half_life, "ridge": self.ridge}
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LatencyModel":
+        if d.get("features") != list(FEATURES):
+            raise ValueError(f"latency fit has features {d.get('features')}, this propd uses {list(FEATURES)}; rerun `propd calibrate`")
+        return cls(half_life=d["half_life"], ridge=d["ridge"], coef=d["coef"])
+
+
+def calibration_path(model: torch.nn.Module, compiled: bool = False, root: Path | None = None) -> Path:
+    """Where `propd calibrate` keeps the fit for this model, forward (eager or compiled),
+    device and thread count."""
+    from propd_compile.heads import model_identity
+    from propd_compile.models import cache_dir
+
+    ident = model_identity(model)
+    device = next(model.parameters()).device
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu{torch.get_num_threads()}t"
+    kind = "compiled" if compiled else "eager"
+    name = f"{ident['name']}-{ident['config_hash']}-{where}-{next(model.parameters()).dtype}-{kind}"
+    name = name.replace(" ", "_").replace("/", "_")
+    return (root or cache_dir() / "calibration") / f"{name}.json"
+
+
+def load_calibration(model: torch.nn.Module, compiled: bool = False) -> LatencyModel | None:
+    path = calibration_path(model, compiled)
+    if not path.exists():
+        return None
+    return LatencyModel.from_dict(json.loads(path.read_text())["fit"])
+
+
+@torch.no_grad()
+def measure_step(model: torch.nn.Module, forward, batch: int, tree: int, kv: int, repeats: int = 1) -> float:
+    """Seconds of one verification forward (median of `repeats`) for a random tree shape."""
+    from propd_compile.cache import TreeKVCache
+
+    device = next(model.parameters()).device
+    vocab = model.get_output_embeddings().weight.shape[0]
+    parents = [-1] + [random.randrange(i) for i in range(1, tree)]
+    anc = torch.eye(tree, dtype=torch.bool)
+    for i in range(1, tree):
+        anc[i] |= anc[parents[i]]
+    depth = anc.sum(1) - 1
+    mask = torch.cat([torch.ones(batch, tree, kv, dtype=torch.bool), anc.repeat(batch, 1, 1)], 2)[:, None].to(device)
+    ids = torch.randint(0, vocab, (batch, tree), device=device)
+    pos = (kv + depth).repeat(batch, 1).to(device)
+    # spare slots, as in decoding: a cache exactly as long as the mask would take another graph
+    cache = TreeKVCache.for_model(model, batch, kv + tree + 8)
+    cache.lengths = [kv] * batch
+    times = []
+    for _ in range(repeats):
+        cache.begin_step(mask)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        t0 = time.perf_counter()
+        forward(ids, mask, pos, cache)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - t0)
+        cache.end_step()
+    return sorted(times)[len(times) // 2]
+
+
+def calibrate(
+    model: torch.nn.Module,
+    forward,
+    batch_sizes: Sequence[int] = (1, 2, 4, 8),
+    tree_sizes: Sequence[int] = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64),
+    kv_lengths: Sequence[int] = (64, 256, 512),
+    repeats: int = 3,
+    holdout: float = 0.25,
+    seed: int = 0,
+    progress: bool = True,
+) -> dict:
+    """Measure steps over a grid of (B, T, KV), fit on a random 1 - `holdout` of them and report
+    the mean absolute percentage error on the rest; the saved fit then uses all points."""
+    from tqdm.auto import tqdm
+
+    rng = random.Random(seed)
+    random.seed(seed)
+    grid = [(b, t, kv) for b in batch_sizes for t in tree_sizes for kv in kv_lengths]
+    rng.shuffle(grid)
+    measure_step(model, forward, 1, 2, 16)  # first-call costs (allocations, lazy init) out of the data
+    points = []
+    for b, t, kv in tqdm(grid, desc="calibrating step latency", unit="shape", disable=not progress):
+        points.append((features(b, t, t, kv), measure_step(model, forward, b, t, kv, repeats), (b, t, kv)))
+    n_hold = max(1, round(len(points) * holdout))
+    held, train = points[:n_hold], points[n_hold:]
+    fit = LatencyModel(half_life=float("inf"))
+    for x, s, _ in train:
+        fit.points.append((x, s, 0))
+    fit.fit()
+    mape = fit.mape([(x, s) for x, s, _ in held])
+    full = LatencyModel(half_life=float("inf"))
+    full.points = [(x, s, 0) for x, s, _ in points]
+    full.fit()
+    full.half_life = LatencyModel.half_life
+    return {
+        "fit": full.to_dict(),
+        "held_out_mape": mape,
+        "held_out_points": n_hold,
+        "points": [{"batch": g[0], "tree": g[1], "kv": g[2], "seconds": s, "predicted_held_out_fit": fit.predict(x)}
+                   for x, s, g in points],
+        "threads": torch.get_num_threads(),
+        "device": str(next(model.parameters()).device),
+    }
+
+
+def save_calibration(model: torch.nn.Module, report: dict, compiled: bool = False, path: Path | None = None) -> Path:
+    path = path or calibration_path(model, compiled)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1) + "\n")
+    return path

@@ -1,0 +1,156 @@
+"""Dynamic trees: the planner's choice is the best of a nested ancestor-closed family, and
+decoding with it stays identical to HF greedy."""
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import propd_compile
+from models_tiny import ARCHS, EOS, PAD, VOCAB, hf_greedy, left_padded, tiny_model
+from propd_compile import ProPDConfig
+from propd_compile.acceptance import AcceptanceModel, Calibrator
+from propd_compile.cost_model import LatencyModel, features
+from propd_compile.planner import TreePlanner, best_first
+from propd_compile.tree import TokenTree
+
+
+@st.composite
+def candidate(draw):
+    n = draw(st.integers(1, 20))
+    parents, scores = [-1], [1.0]
+    for i in range(1, n):
+        p = draw(st.integers(0, i - 1))
+        parents.append(p)
+        scores.append(scores[p] * draw(st.floats(0.0, 1.0)))
+    return TokenTree(tuple(range(50, 50 + n)), tuple(parents), tuple(scores))
+
+
+def fixed_latency(base, tree_cost, per_token):
+    return LatencyModel(coef=[base, tree_cost, 0.0, 0.0, per_token, 0.0, 0.0, 0.0])
+
+
+def ancestor_closed(tree, nodes):
+    return all(tree.parents[i] in nodes for i in nodes if i != 0)
+
+
+@settings(deadline=None, max_examples=150)
+@given(
+    rows=st.lists(st.one_of(candidate(), st.none()), min_size=1, max_size=4), base=st.floats(0.01, 0.1),
+    tree_cost=st.floats(0.0, 0.1), per_token=st.floats(0.0, 0.01),
+)
+def test_plan_maximises_expected_tokens_per_second_over_a_nested_family(rows, base, tree_cost, per_token):
+    acceptance = AcceptanceModel(calibrator=Calibrator())
+    planner = TreePlanner(acceptance, fixed_latency(base, tree_cost, per_token), max_nodes=20)
+    out = planner.plan(rows, kv=100)
+    B = len(rows)
+    chosen = planner.last_choice["n"]
+    rates = {}
+    for n in range(1, max((len(t) for t in rows if t is not None), default=1) + 1):
+        expected = 0.0
+        for tree in rows:
+            if tree is None:
+                continue
+            l = acceptance.path_probabilities(tree)
+            order = best_first(tree, l)
+            prefix = order[:n]
+            assert ancestor_closed(tree, set(prefix))  # every member of the family is a tree
+            if n > 1:
+                assert set(order[: n - 1]) <= set(prefix)  # nested
+            expected += sum(l[i] for i in prefix)
+        rates[n] = expected / planner.latency.predict(features(B, n, n, 100))
+    assert rates[chosen] == pytest.approx(max(rates.values()), rel=1e-9)
+    for tree, planned in zip(rows, out):
+        if tree is None:
+            assert planned is None
+            continue
+        assert len(planned) == min(chosen, len(tree))
+        assert planned.tokens[0] == tree.tokens[0]
+        for i in range(1, len(planned)):  # the planned tree is the candidate's restriction
+            p = planned.parents[i]
+            assert (planned.tokens[p], planned.tokens[i]) in {
+                (tree.tokens[tree.parents[j]], tree.tokens[j]) for j in range(1, len(tree))
+            }
+
+
+def test_poor_drafts_fall_back_to_plain_steps():
+    tree = TokenTree((1, 2, 3, 4), (-1, 0, 1, 2), (1.0, 0.02, 0.01, 0.005))
+    planner = TreePlanner(AcceptanceModel(), fixed_latency(0.05, 0.03, 0.001), max_nodes=4)
+    assert planner.plan([tree], kv=10) == [TokenTree((1,), (-1,), (1.0,))]
+    good = TokenTree((1, 2, 3, 4), (-1, 0, 1, 2), (1.0, 0.95, 0.9, 0.85))
+    assert len(planner.plan([good], kv=10)[0]) == 4
+
+
+def test_the_planner_learns_that_drafts_are_useless():
+    """A drafter claiming 0.9 that is never right: after some steps the planner stops trusting it."""
+    claim = TokenTree((1, 2, 3), (-1, 0, 1), (1.0, 0.9, 0.81))
+    planner = TreePlanner(AcceptanceModel(), fixed_latency(0.05, 0.03, 0.001), max_nodes=3)
+    assert len(planner.plan([claim], kv=10)[0]) == 3
+    for _ in range(40):
+        planner.observe([claim], [[0]], 0.08, 1, 3, 10)
+    assert len(planner.plan([claim], kv=10)[0]) == 1
+
+
+@st.composite
+def prompts(draw):
+    rows = []
+    for _ in range(draw(st.integers(1, 3))):
+        rows.append(draw(st.lists(st.integers(6, VOCAB - 1), min_size=1, max_size=10)))
+    return rows
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@settings(deadline=None, max_examples=12, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=prompts(), budget=st.integers(1, 24), new=st.integers(1, 30), seed=st.integers(0, 1))
+def test_dynamic_decoding_equals_hf_greedy(arch, rows, budget, new, seed):
+    model = tiny_model(arch, seed=seed)
+    ids, mask = left_padded(rows)
+    ref = hf_greedy(model, ids, mask, new)
+    propd_compile.accelerate(model, ProPDConfig(tree="dynamic", max_tree_nodes=budget))
+    try:
+        out = model.generate(ids, attention_mask=mask, max_new_tokens=new)
+        out2 = model.generate(ids, attention_mask=mask, max_new_tokens=new)  # statistics carried over
+    finally:
+        propd_compile.restore(model)
+    assert torch.equal(out, ref) and torch.equal(out2, ref)
+
+
+def test_dynamic_tree_with_heads_is_lossless_and_updates_rank_statistics(tmp_path):
+    from test_heads import random_heads
+
+    model = tiny_model("llama", seed=0)
+    random_heads(model, root_token=True).save(tmp_path, accuracy={"rank_accuracy": [[0.3, 0.1], [0.2, 0.1], [0.1], [0.1]]})
+    rows = [[7, 8, 9, 10, 7, 8], [11, 12]]
+    ids, mask = left_padded(rows)
+    ref = hf_greedy(model, ids, mask, 30)
+    config = ProPDConfig(heads=str(tmp_path), tree="dynamic", max_tree_nodes=12)
+    propd_compile.accelerate(model, config)
+    try:
+        assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=30), ref)
+        planner = propd_compile.api.planner_for(model, config)
+    finally:
+        propd_compile.restore(model)
+    stats = planner.acceptance.rank_stats
+    assert stats is not None and stats.trials[0] > 50  # warm start (weight 50) plus observed steps
+    assert planner.latency.ready and planner.calibrated_steps > 0
+
+
+def test_heads_that_are_never_right_are_skipped_but_probed():
+    from propd_compile.acceptance import RankStats
+    from propd_compile.drafters import HeadsDrafter
+    from test_heads import random_heads
+
+    model = tiny_model("llama")
+    heads = random_heads(model, 3)
+    stats = RankStats.warm([[0.4, 0.1], [0.2], [0.1]])
+    drafter = HeadsDrafter(heads, model.get_output_embeddings(), max_depth=6, topk=2, rank_stats=stats)
+    drafter.start([[4, 5]])
+    h = torch.randn(1, 32)
+    drafter.set_hidden([0], h)
+    assert len(drafter.top[0][0]) == 3  # all heads useful so far
+    for _ in range(2000):
+        stats.observe(1, None)  # head 1 is never right
+    depths = []
+    for _ in range(32):
+        drafter.set_hidden([0], h)
+        depths.append(len(drafter.top[0][0]))
+    assert depths.count(1) == 30 and depths.count(3) == 2  # head 0 only, all heads every 16th step
