@@ -36,20 +36,22 @@ class PrunePredictor:
     """What the prune op evaluates: `fn(hidden rows) -> early logits` (only the rows of nodes that
     have children), and the k of the top-k test (mutable: changing it needs no recompile)."""
 
-    fn: Callable[[torch.Tensor], torch.Tensor]  # hidden rows [M, H] -> early logits [M, V]
+    fn: Callable[[torch.Tensor], torch.Tensor]  # hidden rows [M, H] -> early logits [M, V or S]
     topk: int
+    vocab: torch.Tensor | None = None  # [S] token ids of a shortlist head's logit columns
 
 
 _PREDICTORS: dict[int, PrunePredictor] = {}
 _IDS = itertools.count()
 
 
-def register_predictor(fn: Callable[[torch.Tensor], torch.Tensor], topk: int) -> int:
-    """Register an early predictor; returns the id a prune point refers to it by."""
+def register_predictor(fn: Callable[[torch.Tensor], torch.Tensor], topk: int, vocab: torch.Tensor | None = None) -> int:
+    """Register an early predictor (`vocab`: the token ids of its logit columns when it scores a
+    shortlist); returns the id a prune point refers to it by."""
     if topk < 1:
         raise ValueError("prune top-k must be >= 1")
     pid = next(_IDS)
-    _PREDICTORS[pid] = PrunePredictor(fn, topk)
+    _PREDICTORS[pid] = PrunePredictor(fn, topk, vocab)
     return pid
 
 
@@ -70,7 +72,8 @@ def tree_parents(anc: torch.Tensor) -> torch.Tensor:
     return torch.where(strict.any(-1), score.argmax(-1), -1)
 
 
-def prune_keep(early_logits: torch.Tensor, tokens: torch.Tensor, anc: torch.Tensor, topk: int) -> torch.Tensor:
+def prune_keep(early_logits: torch.Tensor | Callable[[torch.Tensor], torch.Tensor], tokens: torch.Tensor,
+               anc: torch.Tensor, topk: int, vocab: torch.Tensor | None = None) -> torch.Tensor:
     """keep [B, T] bool: node c survives iff every node on its root path (root excluded) has its
     token in the top-k of its parent's early logits; node 0 (the root) always survives, parentless
     nodes elsewhere (batch padding) never. Ancestor-closed by construction.
@@ -78,7 +81,9 @@ def prune_keep(early_logits: torch.Tensor, tokens: torch.Tensor, anc: torch.Tens
     `early_logits` is [B, T, V], or a callable mapping the hidden rows of the nodes that have
     children to their logits (`rows` [M] flat indices into B*T -> [M, V]), so leaves cost nothing.
     Membership is a rank test, rank = #logits strictly above token(c)'s (no sort: O(V) per node;
-    exact ties count as inside the top-k)."""
+    exact ties count as inside the top-k). With `vocab` [S] the logits score only those tokens
+    (a shortlist head): the rank is taken among them and a token outside the shortlist always
+    passes (no evidence against it), so recall is never below the full-vocabulary test's."""
     B, T = tokens.shape
     parents = tree_parents(anc)
     has_parent = parents >= 0
@@ -93,9 +98,14 @@ def prune_keep(early_logits: torch.Tensor, tokens: torch.Tensor, anc: torch.Tens
     member = torch.zeros(B * T, dtype=torch.bool, device=tokens.device)
     child = has_parent.flatten().nonzero().flatten()
     if len(child):
-        parent_logits = logits[where[child]]  # [C, V]
-        own = parent_logits.gather(1, tokens.flatten()[child, None])
-        member[child] = (parent_logits > own).sum(-1) < topk
+        parent_logits = logits[where[child]]  # [C, V] (or [C, S])
+        col = tokens.flatten()[child]
+        if vocab is not None:
+            lookup = torch.full((int(max(vocab.max(), col.max())) + 1,), -1, dtype=torch.long, device=col.device)
+            lookup[vocab] = torch.arange(len(vocab), device=col.device)
+            col = lookup[col]
+        own = parent_logits.gather(1, col.clamp(min=0)[:, None])
+        member[child] = ((parent_logits > own).sum(-1) < topk) | (col < 0)
     member = member.view(B, T)
     member[:, 0] = True
     return ~(anc & ~member[:, None, :]).any(-1)
@@ -129,7 +139,7 @@ def prune_decide(hidden: torch.Tensor, tokens: torch.Tensor, mask: torch.Tensor,
     anc = tree if tree.dtype == torch.bool else tree == 0
     pred = get_predictor(predictor)
     flat = hidden.reshape(-1, hidden.shape[-1])
-    return prune_keep(lambda rows: pred.fn(flat[rows]), tokens, anc, pred.topk)
+    return prune_keep(lambda rows: pred.fn(flat[rows]), tokens, anc, pred.topk, pred.vocab)
 
 
 @prune_decide.register_fake

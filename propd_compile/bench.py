@@ -61,11 +61,14 @@ METHODS: dict[str, Method] = {
         hf={"prompt_lookup_num_tokens": 10}, max_batch_size=1,
     ),
     "ngram": Method("ProPD runtime, n-gram drafter only (training-free)", propd={"drafters": ("ngram",)}),
-    "medusa": Method("static Medusa tree from the shipped heads", propd={"tree": "medusa"}),
+    # 16 nodes: the best static size on this CPU (a step costs about the same from 2 to 16 tree
+    # tokens, ../shared/research/measurements.md), so the static baseline is not a straw man.
+    "medusa": Method("static Medusa tree (16 nodes) from the shipped heads", propd={"tree": "medusa", "max_tree_nodes": 16}),
     "dynamic": Method("ProPD dynamic tree (heads + n-gram, cost model), no pruning", propd={"tree": "dynamic"}),
     # The prune point is a compiler pass, so the pruning rows are compiled; `--compile` compiles
     # every ProPD row, for an ablation where pruning is the only difference.
-    "prune": Method("static Medusa tree with early pruning (compiled)", propd={"tree": "medusa", "prune": True, "compile": True}),
+    "prune": Method("static Medusa tree (16 nodes) with early pruning (compiled)",
+                    propd={"tree": "medusa", "max_tree_nodes": 16, "prune": True, "compile": True}),
     "propd": Method("ProPD: dynamic tree and early pruning (compiled)",
                     propd={"tree": "dynamic", "prune": True, "compile": True}),
 }
@@ -99,6 +102,7 @@ class Call:
     seconds: float
     rows: list[dict] = field(default_factory=list)
     pruned_fraction: float | None = None
+    latency_errors: list[float] = field(default_factory=list)  # dynamic trees: the latency model's, per step
 
     @property
     def new_tokens(self) -> int:
@@ -224,7 +228,10 @@ def _call(name: str, bs: int, rep: int, batch: int, seconds: float, group: list[
     per_row = _row_stats(stats, len(group)) if stats is not None else [{} for _ in group]
     rows = [{"group": p.group, "new_tokens": len(toks), "identical": None, **extra}
             for p, toks, extra in zip(group, new, per_row)]
-    return Call(name, bs, rep, batch, seconds, rows, getattr(stats, "pruned_fraction", None))
+    return Call(
+        name, bs, rep, batch, seconds, rows, getattr(stats, "pruned_fraction", None),
+        list(getattr(stats, "latency_errors", None) or []),
+    )
 
 
 def run(
@@ -335,7 +342,9 @@ def run(
                    "hf_kwargs": m.hf, "hf_compiled": m.hf_compiled, "propd_fields": _jsonable(m.propd)}
             for name, m in methods.items()
         },
-        "compile": {"graphs_compiled": _graphs_compiled() - graphs_before, "graphs_compiled_while_timing": timed_graphs},
+        "compile": {
+            "graphs_compiled": _graphs_compiled() - graphs_before, "graphs_compiled_while_timing": timed_graphs,
+        },
         "warm_up_seconds": {n: {str(b): s for b, s in d.items()} for n, d in warm_up.items()},
         "results": summarize(calls, methods, status, batch_sizes),
         "calls": [_jsonable(asdict(c)) for c in calls],
@@ -387,6 +396,7 @@ def _aggregate(rows: list[dict], timed: list[Call], ratios: list[float]) -> dict
     seconds = [sum(c.seconds for c in cs) for cs in by_repeat.values()]
     pruned = [(c.pruned_fraction, sum(int(s) * n for r in c.rows for s, n in r.get("tree_sizes", {}).items()))
               for c in timed if c.pruned_fraction is not None]
+    errors = [e for c in timed for e in c.latency_errors]
     return {
         "new_tokens": sum(r["new_tokens"] for r in rows),
         "seconds": seconds,  # per repeat
@@ -401,6 +411,9 @@ def _aggregate(rows: list[dict], timed: list[Call], ratios: list[float]) -> dict
         "identical_rows": sum(judged),
         "rows": len(judged),
         "identical_rate": sum(judged) / len(judged) if judged else None,
+        # mean relative error of the dynamic tree's step-time predictions, made before each step ran
+        "latency_mape": sum(errors) / len(errors) if errors else None,
+        "planned_steps": len(errors),
     }
 
 
@@ -413,7 +426,9 @@ def summarize(calls: list[Call], methods: dict[str, Method], status: dict[str, s
         for bs in batch_sizes:
             mine = [c for c in calls if c.method == name and c.batch_size == bs]
             if status[name] != "ok" or not mine:
-                why = status[name] if methods[name].runs_at(bs) else f"unavailable: batch size > {methods[name].max_batch_size}"
+                why = status[name]
+                if not methods[name].runs_at(bs):
+                    why = f"unavailable: batch size > {methods[name].max_batch_size}"
                 results.append({"method": name, "batch_size": bs, "status": why})
                 continue
             ratio = {id(c): rate[(name, bs, c.repeat, c.batch)] / rate[(BASELINE, bs, c.repeat, c.batch)]
@@ -452,13 +467,14 @@ def markdown(report: dict) -> str:
     """The results table (every method and batch size; unavailable and failed methods with their
     reason), and per category the speedup and identical rows."""
     lines = [
-        "| method | batch | tokens/s | speedup vs hf | mean accepted | tree nodes p50 / p90 / max | pruned | identical |",
-        "|---|---|---|---|---|---|---|---|",
+        "| method | batch | tokens/s | speedup vs hf | mean accepted | tree nodes p50 / p90 / max | pruned "
+        "| identical | latency model error |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in report["results"]:
         if r["status"] != "ok":
             why = " ".join(r["status"].replace("|", "\\|").split())  # one table cell
-            lines.append(f"| {r['method']} | {r['batch_size']} | {why} |  |  |  |  |  |")
+            lines.append(f"| {r['method']} | {r['batch_size']} | {why} |  |  |  |  |  |  |")
             continue
         t = r["tree_sizes"]
         tree = f"{t['p50']} / {t['p90']} / {t['max']}" if t else "1"
@@ -466,7 +482,7 @@ def markdown(report: dict) -> str:
         lines.append(
             f"| {r['method']} | {r['batch_size']} | {_fmt(r['tokens_per_second'], '.1f')} "
             f"| {_fmt(r['speedup_vs_hf'], '.2f', unit='x')} | {_fmt(r['mean_accepted'], '.2f', '1.00')} | {tree} "
-            f"| {_fmt(r['pruned_fraction'], '.0%')} | {same} |"
+            f"| {_fmt(r['pruned_fraction'], '.0%')} | {same} | {_fmt(r.get('latency_mape'), '.1%')} |"
         )
     ok = [r for r in report["results"] if r["status"] == "ok"]
     groups = report["settings"]["groups"]
@@ -482,7 +498,8 @@ def markdown(report: dict) -> str:
                     cells.append("")
                     continue
                 same = f", {c['identical_rows']}/{c['rows']}" if c["rows"] else ""
-                cells.append(f"{_fmt(c['speedup_vs_hf'], '.2f', unit='x')}, {_fmt(c['mean_accepted'], '.2f', '1.00')}{same}")
+                speed, accepted = _fmt(c["speedup_vs_hf"], ".2f", unit="x"), _fmt(c["mean_accepted"], ".2f", "1.00")
+                cells.append(f"{speed}, {accepted}{same}")
             lines.append(f"| {r['method']} | {r['batch_size']} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
@@ -577,7 +594,8 @@ def suite_section(report: dict, json_path: str, png_path: str | None) -> str:
         "",
         markdown(report),
         "",
-        f"Raw numbers: [`{json_path}`]({json_path})." + (f" Plot: ![speedup by category and batch size]({png_path})" if png_path else ""),
+        f"Raw numbers: [`{json_path}`]({json_path})."
+        + (f" Plot: ![speedup by category and batch size]({png_path})" if png_path else ""),
         MD_END,
     ]
     return "\n".join(lines)

@@ -44,7 +44,9 @@ class ProPDConfig:
                      lossless (pruned nodes are never accepted). Stats: propd_stats.pruned_fraction.
     prune_layer:     L_e (0-based decoder layer); None: the early head's layer, or 1/5 of the depth
                      with the logit lens.
-    prune_topk:      k of the top-k membership test (changing it does not recompile).
+    prune_topk:      k of the top-k membership test, ranked among the early head's shortlist (the
+                     shipped SmolLM2 head scores 4055 tokens; tokens outside it are never pruned) or
+                     the whole vocabulary (logit lens); changing it does not recompile.
     prune_head:      early predictor: None (a shipped early head for the model, else the logit lens),
                      "lens" (the model's final norm + LM head on the layer-L_e state, no training) or
                      the directory of an early head (`python -m propd_compile.early_head`).
@@ -64,7 +66,7 @@ class ProPDConfig:
     heads_topk: int = 8
     prune: bool = False
     prune_layer: int | None = None
-    prune_topk: int = 32
+    prune_topk: int = 1500
     prune_head: str | None = None
 
     def __post_init__(self) -> None:

@@ -235,7 +235,9 @@ def tree_generate(
         paths, bonus = accept(batch, logits)
         if planner is not None:
             n_errors = len(planner.latency_errors)
-            planner.observe([trees[b] for b in active], [paths[b] for b in active], timer.seconds, B, T, W)
+            planner.observe(
+                [trees[b] for b in active], [paths[b] for b in active], timer.seconds, B, T, W, kept=deep_rows
+            )
             stats.latency_errors += planner.latency_errors[n_errors:]
         stats.steps += 1
         step_new = []

@@ -60,10 +60,13 @@ def logit_lens(model: nn.Module) -> Predictor:
 class EarlyHead(nn.Module):
     """A residual block on the layer-`layer` hidden state in front of the frozen norm + LM head."""
 
-    def __init__(self, hidden_size: int, layer: int, base: dict | None = None) -> None:
+    def __init__(self, hidden_size: int, layer: int, base: dict | None = None, vocab: torch.Tensor | None = None) -> None:
         super().__init__()
         self.hidden_size, self.layer, self.base = hidden_size, layer, base or {}
         self.block = ResBlock(hidden_size)
+        # Shortlist: the head scores only these tokens (the LM head's rows for them), ~5x cheaper
+        # than the full vocabulary; kernels.early_prune.prune_keep never prunes a token outside it.
+        self.vocab = vocab
         self.report: dict = {}
 
     @classmethod
@@ -73,18 +76,25 @@ class EarlyHead(nn.Module):
     def features(self, h: torch.Tensor) -> torch.Tensor:
         return self.block(h.to(self.block.linear.weight.dtype))
 
-    def predictor(self, model: nn.Module) -> Predictor:
-        """h -> early logits through `model`'s final norm and LM head."""
+    def predictor(self, model: nn.Module, shortlist: bool = True) -> Predictor:
+        """h -> early logits through `model`'s final norm and LM head; over `self.vocab` only
+        (columns in that order) when the head has a shortlist and `shortlist` is set."""
         norm, lm_head = final_norm(model), model.get_output_embeddings()
-        return lambda h: lm_head(norm(self.features(h).to(h.dtype)))
+        if not shortlist or self.vocab is None:
+            return lambda h: lm_head(norm(self.features(h).to(h.dtype)))
+        weight = lm_head.weight.detach()[self.vocab]
+        bias = lm_head.bias.detach()[self.vocab] if getattr(lm_head, "bias", None) is not None else None
+        return lambda h: F.linear(norm(self.features(h).to(h.dtype)), weight, bias)
 
     def save(self, directory: str | Path, recipe: dict | None = None) -> Path:
         from safetensors.torch import save_file
 
         directory = Path(directory)
         directory.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.detach().to("cpu", torch.float16).contiguous() for k, v in self.state_dict().items()},
-                  str(directory / WEIGHTS), metadata={"format": FORMAT})
+        tensors = {k: v.detach().to("cpu", torch.float16).contiguous() for k, v in self.state_dict().items()}
+        if self.vocab is not None:
+            tensors["vocab"] = self.vocab.to("cpu", torch.int64).contiguous()
+        save_file(tensors, str(directory / WEIGHTS), metadata={"format": FORMAT})
         cfg = {"format": FORMAT, "version": VERSION, "layer": self.layer, "hidden_size": self.hidden_size,
                "base_model": self.base, "recipe": recipe or {}, "report": self.report}
         (directory / CONFIG).write_text(json.dumps(cfg, indent=1) + "\n")
@@ -105,8 +115,9 @@ class EarlyHead(nn.Module):
             why = identity_mismatch(cfg["base_model"], model)
             if why:
                 raise ValueError(f"the early head in {directory} does not fit this model: {why}")
-        head = cls(cfg["hidden_size"], cfg["layer"], cfg["base_model"])
-        head.load_state_dict({k: v.float() for k, v in load_file(str(directory / WEIGHTS)).items()})
+        tensors = load_file(str(directory / WEIGHTS))
+        head = cls(cfg["hidden_size"], cfg["layer"], cfg["base_model"], tensors.pop("vocab", None))
+        head.load_state_dict({k: v.float() for k, v in tensors.items()})
         head.report = cfg.get("report", {})
         return head.eval()
 
@@ -135,7 +146,7 @@ def prune_options(model: nn.Module, config) -> dict:
         if path is None:
             layers = model.config.get_text_config().num_hidden_layers
             layer = config.prune_layer if config.prune_layer is not None else max(layers // 5, 1) - 1
-            predictor = logit_lens(model)
+            predictor, vocab = logit_lens(model), None
         else:
             head = EarlyHead.load(path, model)
             if config.prune_layer not in (None, head.layer):
@@ -143,8 +154,8 @@ def prune_options(model: nn.Module, config) -> dict:
                     f"the early head in {path} reads layer {head.layer}, not prune_layer={config.prune_layer}; "
                     "pass prune_layer=None, prune_head='lens', or an early head trained for that layer"
                 )
-            layer, predictor = head.layer, head.predictor(model)
-        cache[key] = (layer, register_predictor(predictor, config.prune_topk))
+            layer, predictor, vocab = head.layer, head.predictor(model), head.vocab
+        cache[key] = (layer, register_predictor(predictor, config.prune_topk, vocab))
     layer, pid = cache[key]
     get_predictor(pid).topk = config.prune_topk
     return {"layer": layer, "predictor": pid}
@@ -186,6 +197,14 @@ def trainer_sequences(model: nn.Module, tokenizer, work: str | Path, limit: int 
             pairs.append((list(row), list(ans)))
     pairs.sort(key=lambda p: hash(tuple(p[0])) & 0xFFFF)  # a fixed shuffle: shards are length-sorted
     return pairs[:limit] if limit else pairs
+
+
+def shortlist(work: str | Path) -> torch.Tensor:
+    """The token ids of every cached greedy answer in a `propd train-heads` work directory (the
+    tokens the model actually produces: an early head's shortlist), sorted."""
+    seen = [torch.tensor(a, dtype=torch.long) for path in sorted((Path(work) / "answers").glob("*.pt"))
+            for a in torch.load(path, weights_only=True)["answers"]]
+    return torch.unique(torch.cat(seen))
 
 
 # --- training and recall -----------------------------------------------------------------------
@@ -244,7 +263,9 @@ def recall_table(model: nn.Module, data: dict, heads: dict[int, EarlyHead], hold
     for layer, h in data["hidden"].items():
         row = {"logit_lens": topk_recall(lens, h[holdout], data["target"][holdout], ks)}
         if layer in heads:
-            row["early_head"] = topk_recall(heads[layer].predictor(model), h[holdout], data["target"][holdout], ks)
+            # full vocabulary: the shortlist test's recall is at least this (see prune_keep)
+            row["early_head"] = topk_recall(heads[layer].predictor(model, shortlist=False), h[holdout],
+                                            data["target"][holdout], ks)
         out[layer] = row
     return out
 
@@ -272,6 +293,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     for layer in args.layers:
         heads[layer] = train_early_head(model, data["hidden"][layer][~holdout], data["target"][~holdout], layer,
                                         epochs=args.epochs)
+        heads[layer].vocab = shortlist(args.work)
     table = recall_table(model, data, heads, holdout)
     recipe = {"work": str(args.work), "sequences": args.sequences, "positions": int((~holdout).sum()),
               "holdout_positions": int(holdout.sum()), "epochs": args.epochs, "batch_size": 256, "lr": 1e-3, "negatives": 4096,

@@ -7,18 +7,25 @@
 2. Answers by the base model, greedy, batched with left padding. A pre-hook on the LM head
    records the hidden state that produced every answer token, so no second forward is needed;
    hidden states (fp16) and answer tokens are cached to disk shard by shard.
-3. Head training: head k at the hidden state that predicts answer token j learns token j+k+1
-   (cross-entropy against the base model's own greedy tokens), AdamW with cosine decay, the base
-   LM head frozen. A held-out split (by prompt) gives per-head top-1/top-5 accuracy and the
-   per-(head, rank) accuracies that the static Medusa tree uses.
+3. Head training: head k at the hidden state that predicts answer token j (and, for root-token
+   heads, reads j's embedding) learns token j+k+1 (cross-entropy against the base model's own
+   greedy tokens, softmax over the tokens seen as targets, which become the heads' draft
+   vocabulary), AdamW with cosine decay, the base model frozen. A held-out split (by prompt)
+   gives per-head top-1/top-5 accuracy and the per-(head, rank) accuracies that the static
+   Medusa tree and the dynamic tree's rank statistics start from.
+4. Evaluation on MT-Bench: the base model's greedy answers to the 80 turn-1 questions (cached
+   apart from the training data, never trained on) give the accuracy users can expect on chat.
 
 Every stage resumes: prompts and answer shards already on disk are kept, and training restarts
 from the checkpoint of the last finished epoch (`OUT/work/`).
 
-Defaults, sized for the embedded SmolLM2-135M-Instruct on 2 CPU cores within an hour, from
-measured rates on a quiet 2-core machine: prompt writing ~2.4 kept prompts/s (about 1280/2.4 =
-9 min), greedy answers ~180-220 tokens/s at batch 64 (1280 answers of ~166 tokens each, ~20 min),
-training ~0.05 s per step of 256 positions (4 epochs over ~190k positions, ~3-5 min).
+Defaults, sized for the embedded SmolLM2-135M-Instruct on 2 CPU cores within an hour. Measured
+rates: prompt writing ~2.4 kept prompts/s quiet, 0.5 contended (1280 prompts: 9 min quiet);
+greedy answers ~180-220 tokens/s at batch 64 quiet, 45 contended (1280 answers of ~156 tokens:
+~17 min quiet); training 0.17 s per step of 256 positions for root-token heads with 1 thread
+(4 epochs over ~180k positions: ~8 min); MT-Bench answers once, ~2 min quiet. About 40 minutes
+quiet in all; on a machine shared with other jobs the answers stage alone took 45 minutes for
+768 prompts (the shipped heads' run, propd_compile/data/heads/smollm2-135m-instruct/README.md).
 """
 from __future__ import annotations
 

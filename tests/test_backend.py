@@ -176,8 +176,9 @@ def test_backend_is_pure_and_deterministic():
     torch.testing.assert_close(f1(*ex)[0], ref)
     torch.testing.assert_close(f2(*ex)[0], ref)
     assert len(backend_mod.REPORTS) == n_reports + 2
-    (report,) = backend_mod.REPORTS[-1][1]
-    assert report.name == "tree_attention" and report.rewritten == 1
+    reports = {r.name: r for r in backend_mod.REPORTS[-1][1]}
+    assert reports["tree_attention"].rewritten == 1
+    assert not reports["early_prune"].enabled  # no prune option: the pass stays off
 
 
 def test_tree_attention_option_disables_pass():
@@ -291,7 +292,8 @@ def test_hf_tree_logits_match_eager(backend_hf_case, data):
     # Every compiled graph had all N_LAYERS SDPA calls rewritten, nothing skipped.
     reports = list(backend_mod.REPORTS)
     assert reports, "propd backend never ran"
-    for _, (rep,) in reports:
+    for _, passes in reports:
+        (rep,) = [r for r in passes if r.name == "tree_attention"]
         assert rep.rewritten == N_LAYERS and not rep.skipped, rep
     # One dynamic compile serves all shapes; Dynamo 0/1-specializes B == 1, which costs one more.
     assert counters["propd"]["graphs"] <= len(case.batch_classes)

@@ -7,7 +7,7 @@ import pytest
 from propd_compile import bench
 from propd_compile.bench import Method, Prompt
 from propd_compile.cli import main
-from tests.models_tiny import tiny_model
+from models_tiny import tiny_model
 
 MAX_NEW = 12
 METHODS = {

@@ -76,6 +76,20 @@ def test_save_load_round_trip_and_wrong_model_refused(model, tmp_path):
         EarlyHead.load(tmp_path / "nothing")
 
 
+def test_shortlist_head_scores_its_tokens_and_round_trips(model, tmp_path):
+    head = EarlyHead.for_model(model, 1)
+    torch.nn.init.normal_(head.block.linear.weight, std=0.02)
+    head.vocab = torch.tensor([3, 7, 8, 40])
+    h = torch.randn(5, 32)
+    full = head.predictor(model, shortlist=False)(h)
+    torch.testing.assert_close(head.predictor(model)(h), full[:, head.vocab])
+    head.save(tmp_path)
+    back = EarlyHead.load(tmp_path, model)
+    assert torch.equal(back.vocab, head.vocab)
+    opts = prune_options(model, ProPDConfig(compile=True, prune=True, prune_head=str(tmp_path)))
+    assert torch.equal(get_predictor(opts["predictor"]).vocab, head.vocab)
+
+
 def test_prune_options_resolve_head_layer_and_topk(model, tmp_path):
     lens = prune_options(model, ProPDConfig(compile=True, prune=True, prune_head="lens", prune_layer=1, prune_topk=5))
     assert lens["layer"] == 1 and get_predictor(lens["predictor"]).topk == 5

@@ -81,6 +81,28 @@ def test_keep_rule_matches_definition_and_is_ancestor_closed(rows, k, seed):
         assert torch.equal(keep, batch.valid)
 
 
+@settings(max_examples=40, **SETTINGS)
+@given(rows=st.lists(trees(), min_size=1, max_size=3), k=st.integers(1, 12), seed=st.integers(0, 2**16),
+       size=st.integers(1, VOCAB))
+def test_shortlist_keep_ranks_inside_the_shortlist_and_never_prunes_outside_it(rows, k, seed, size):
+    batch = TreeBatch.stack(rows)
+    g = torch.Generator().manual_seed(seed)
+    vocab = torch.randperm(VOCAB, generator=g)[:size].sort().values
+    full = torch.randn(*batch.tokens.shape, VOCAB, generator=g)
+    keep = prune_keep(full[..., vocab], batch.tokens, batch.ancestors, k, vocab)
+    expect = torch.zeros_like(keep)
+    for b in range(batch.tokens.shape[0]):
+        for c in range(batch.num_nodes):
+            p, tok = int(batch.parents[b, c]), int(batch.tokens[b, c])
+            if c == 0:
+                expect[b, c] = True
+            elif batch.valid[b, c] and p >= 0:
+                inside = tok in vocab.tolist()
+                rank = int((full[b, p, vocab] > full[b, p, tok]).sum())
+                expect[b, c] = bool(expect[b, p]) and (not inside or rank < k)
+    assert torch.equal(keep, expect)
+
+
 # ---- the pass on captured graphs (no Inductor) ------------------------------------------------
 def _capture(model, T: int, B: int = 2, layer: int = PRUNE_LAYER):
     """The tree-verification graph Dynamo hands the backend, and the run_passes reports on it
