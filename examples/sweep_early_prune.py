@@ -31,11 +31,11 @@ def timed_forward(model, config: ProPDConfig, times: list[float], record: list |
     """Wrap the compiled forward `generate` will use for `config` so each call's time is recorded;
     with `record`, every `every`-th tree step's inputs (a copy of the cache included) are kept.
     Returns the unwrapped forward."""
-    from propd_compile.api import forward_for
     from propd_compile.drafters import build_drafter
 
-    forward = forward_for(model, config, hidden=build_drafter(config, model).needs_hidden)
-    key = next(k for k, v in model._propd_forwards.items() if v is forward)
+    forwards = model.propd.forwards
+    forward = model.propd.forward(config, hidden=build_drafter(config, model).needs_hidden)
+    key = next(k for k, v in forwards.items() if v is forward)
 
     def timed(ids, mask, pos, cache):
         if record is not None and ids.shape[1] > 1 and len(times) % every == 0:
@@ -45,7 +45,7 @@ def timed_forward(model, config: ProPDConfig, times: list[float], record: list |
         times.append(time.perf_counter() - t0)
         return out
 
-    model._propd_forwards[key] = timed
+    forwards[key] = timed
     return forward
 
 
@@ -60,7 +60,7 @@ def run(model, tokenizer, prompts: list[str], config: ProPDConfig, max_new: int,
     for i in range(0, len(prompts), batch):
         ids = tokenizer(prompts[i : i + batch], return_tensors="pt", padding=True)
         out = model.generate(**ids, max_new_tokens=max_new)
-        s = model.propd_stats
+        s = model.propd.stats
         outs.extend(out.tolist())
         acc += sum(s.accepted)
         row_steps += s.row_steps

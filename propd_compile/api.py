@@ -28,12 +28,10 @@ from transformers.generation.logits_process import (
 )
 
 from propd_compile.config import ProPDConfig
-from propd_compile.decoding import AcceptRule, DecodeStats, eager_forward, greedy_rule, tree_generate
-from propd_compile.acceptance import AcceptanceModel, RankStats
-from propd_compile.cost_model import LatencyModel, load_calibration
-from propd_compile.drafters import build_drafter, heads_for
-from propd_compile.planner import TreePlanner
+from propd_compile.decoding import AcceptRule, greedy_rule, tree_generate
+from propd_compile.drafters import build_drafter
 from propd_compile.sampling import sampling_rule
+from propd_compile.state import attach, detach, state_of
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
 # generation_config fields that add logits processors or change the search: refused unless default.
@@ -156,7 +154,10 @@ def propd_generate(
     """Token-identical to `model.generate(..., do_sample=False)`, decoded with token trees; with
     `do_sample=True`, distributed exactly as the model's sampling (unless config.acceptance is
     "typical"). `generator` seeds the draws; without it they come from torch's global RNG."""
-    config = config or getattr(model, "_propd_config", None) or ProPDConfig()
+    state = state_of(model)
+    if state is None:
+        raise RuntimeError("propd_generate needs an accelerated model: call propd_compile.accelerate(model) first")
+    config = config or state.config
     input_ids = kwargs.pop("input_ids", inputs)
     if input_ids is None:
         raise ValueError("generate needs input_ids (a [batch, length] tensor of token ids)")
@@ -184,9 +185,9 @@ def propd_generate(
     stopping = model_kwargs.get("stopping_criteria") or None
 
     accept = _accept_rule(model, gen, config, generator, input_ids.device)
-    planner = planner_for(model, config) if config.tree == "dynamic" else None
+    planner = state.planner(config) if config.tree == "dynamic" else None
     drafter = build_drafter(config, model, rank_stats=planner.acceptance.rank_stats if planner else None)
-    forward = forward_for(model, config, hidden=drafter.needs_hidden)
+    forward = state.forward(config, hidden=drafter.needs_hidden)
     sequences, stats = tree_generate(
         model,
         input_ids,
@@ -202,7 +203,7 @@ def propd_generate(
         accept=accept,
         planner=planner,
     )
-    model.propd_stats = stats
+    state.stats = stats
     if gen.return_dict_in_generate:
         from transformers.generation.utils import GenerateDecoderOnlyOutput
 
@@ -259,63 +260,21 @@ def accelerate(model: Any = None, config: ProPDConfig | None = None):
 
         return wrapper
     _check_model(model)
-    config = config or getattr(model, "_propd_config", None) or ProPDConfig()
-    model._propd_config = config
+    state = state_of(model)
+    attach(model, config or (state.config if state else ProPDConfig()))
     if "generate" not in vars(model):
         model.generate = types.MethodType(propd_generate, model)
-    model.propd_stats = DecodeStats()
     return model
 
 
-def forward_for(model: torch.nn.Module, config: ProPDConfig, hidden: bool = False) -> Callable:
-    """The verification forward for `config`: eager, or compiled once per model and options.
-
-    With `hidden` it returns (logits, last hidden state), for drafters that read the hidden state.
-    """
-    if not config.compile:
-        return eager_forward(model, hidden=hidden)
-    from propd_compile.runtime_compile import compiled_forward
-
-    options = dict(config.backend_options)
-    if config.prune:  # early pruning (#5): the prune pass's layer and registered predictor
-        from propd_compile.early_head import prune_options
-
-        options["prune"] = prune_options(model, config)
-    key = repr(sorted(options.items())) + (" hidden" if hidden else "")
-    cache = vars(model).setdefault("_propd_forwards", {})
-    if key not in cache:
-        cache[key] = compiled_forward(model, config, hidden=hidden, options=options)
-    return cache[key]
-
-
-def planner_for(model: torch.nn.Module, config: ProPDConfig) -> TreePlanner:
-    """The dynamic-tree planner for `config`, kept on the model so that its acceptance and
-    latency statistics carry over between `generate` calls. Its latency model starts from this
-    machine's `propd calibrate` fit when there is one."""
-    key = repr(config)
-    planners = vars(model).setdefault("_propd_planners", {})
-    if key not in planners:
-        heads = heads_for(config, model)
-        rank_stats = None
-        if heads is not None:
-            acc = (heads.accuracy or {}).get("rank_accuracy")
-            rank_stats = RankStats.warm(acc, ranks=config.heads_topk) if acc else RankStats(heads.num_heads, config.heads_topk)
-        latency = load_calibration(model, config.compile) or LatencyModel()
-        planners[key] = TreePlanner(AcceptanceModel(rank_stats=rank_stats), latency, config.max_tree_nodes)
-    return planners[key]
-
-
 def restore(model: torch.nn.Module) -> torch.nn.Module:
-    """Undo `accelerate`: the original `generate` comes back."""
-    for attr in (
-        "generate", "_propd_config", "_propd_forwards", "_propd_planners", "propd_stats", "_propd_heads",
-        "_propd_shipped_heads", "_propd_prune",
-    ):
-        if attr in vars(model):
-            delattr(model, attr)
+    """Undo `accelerate`: the original `generate` comes back, and everything propd built for the
+    model (compiled graphs, planners, heads) is dropped."""
+    if "generate" in vars(model):
+        delattr(model, "generate")
+    detach(model)
     return model
 
 
 def is_accelerated(model: torch.nn.Module) -> bool:
-    return "generate" in vars(model) and hasattr(model, "_propd_config")
-
+    return "generate" in vars(model) and state_of(model) is not None

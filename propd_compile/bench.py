@@ -30,7 +30,7 @@ from typing import Any, Callable
 import torch
 from tqdm import tqdm
 
-from propd_compile.api import propd_generate
+from propd_compile.api import accelerate, propd_generate
 from propd_compile.config import ProPDConfig
 from propd_compile.prompts import Question, chat_prompt
 
@@ -211,7 +211,7 @@ def prepare(method: Method, model, base: ProPDConfig, gen_kwargs: dict[str, Any]
 
 
 def _row_stats(stats, rows: int) -> list[dict]:
-    """Per-row accepted tokens, steps and tree-size histogram from `model.propd_stats`."""
+    """Per-row accepted tokens, steps and tree-size histogram from `model.propd.stats`."""
     out = [{"steps": 0, "accepted": 0, "tree_sizes": {}} for _ in range(rows)]
     for b, acc, size in zip(stats.rows, stats.accepted, stats.tree_sizes):
         r = out[b]
@@ -223,7 +223,7 @@ def _row_stats(stats, rows: int) -> list[dict]:
 
 def _call(name: str, bs: int, rep: int, batch: int, seconds: float, group: list[Prompt], new: list[list[int]],
           stats) -> Call:
-    """The record of one timed call; `stats` (model.propd_stats of a ProPD method) adds per-row
+    """The record of one timed call; `stats` (model.propd.stats of a ProPD method) adds per-row
     acceptance and tree sizes, and the call's pruned fraction when the runtime reports one."""
     per_row = _row_stats(stats, len(group)) if stats is not None else [{} for _ in group]
     rows = [{"group": p.group, "new_tokens": len(toks), "identical": None, **extra}
@@ -253,6 +253,7 @@ def run(
     methods = dict(methods if methods is not None else METHODS)
     methods = {BASELINE: METHODS[BASELINE], **methods}  # speedups need the baseline
     base = base or ProPDConfig()
+    accelerate(model, base)  # propd methods share its state; HF methods call the original generate
     eos = model.generation_config.eos_token_id
     eos = {eos} if isinstance(eos, int) else set(eos or [])
     pad = model.generation_config.pad_token_id
@@ -314,7 +315,7 @@ def run(
                     got = attempt(name, enc)
                     if got is not None:
                         new[name] = _new_rows(got[0], P, eos)
-                        stats = model.propd_stats if methods[name].propd is not None else None
+                        stats = model.propd.stats if methods[name].propd is not None else None
                         batch_calls.append(_call(name, bs, rep, i, got[1], group, new[name], stats))
                 if not sample and BASELINE in new:
                     for call in batch_calls:

@@ -45,7 +45,7 @@ def cmd_generate(args) -> int:
     enc = tok(text, return_tensors="pt")
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     model.generate(**enc, max_new_tokens=args.max_new_tokens, streamer=streamer)
-    st = model.propd_stats
+    st = model.propd.stats
     print(
         f"\n[propd] {st.new_tokens} tokens in {st.seconds:.2f}s ({st.tokens_per_second:.1f} tok/s), "
         f"{st.steps} steps, {st.mean_accepted:.2f} tokens/step, {st.mean_tree_nodes:.1f} tree nodes/step",
@@ -58,17 +58,18 @@ def cmd_latency(args, model) -> int:
     """Verification-step latency per tree size: eager vs backend="propd", same run."""
     import time
 
+    import propd_compile
     from propd_compile import bench
-    from propd_compile.api import forward_for
     from propd_compile.decoding import eager_forward
     from propd_compile.runtime_compile import warm_up
 
     config = ProPDConfig(compile=True)
+    propd_compile.accelerate(model, config)
     t = time.perf_counter()
     warm_up(model, config, batch_sizes=(args.batch_sizes[0],))
     compile_s = time.perf_counter() - t
     report = bench.verify_latency(
-        model, {"eager": eager_forward(model), "propd": forward_for(model, config)},
+        model, {"eager": eager_forward(model), "propd": model.propd.forward(config)},
         kv_len=args.kv_len, batch=args.batch_sizes[0], repeats=args.repeats,
     )
     report["first_compile_seconds"] = compile_s
@@ -177,7 +178,6 @@ def cmd_train_heads(args) -> int:
     print(json.dumps({k: report[k] for k in ("top1", "top5", "train_positions", "held_out_positions", "total_seconds", "mt_bench")
                       if k in report} | {"prompts": report.get("prompts"), "answers": report.get("answers"),
                                          "step_seconds": report.get("step_seconds")}, indent=1))
-    print(f"[propd] heads saved to {args.out}; use them with ProPDConfig(heads={str(args.out)!r})", file=sys.stderr)
     return 0
 
 
@@ -185,18 +185,19 @@ def cmd_calibrate(args) -> int:
     """Measure verification steps on this machine, report the held-out error, save the fit."""
     from pathlib import Path
 
+    import propd_compile
     from propd_compile import models
-    from propd_compile.api import forward_for
     from propd_compile.cost_model import calibrate, save_calibration
 
     model, _ = models.load(args.model)
     config = ProPDConfig(compile=args.compile)
+    propd_compile.accelerate(model, config)
     if args.compile:
         from propd_compile.runtime_compile import warm_up
 
         warm_up(model, config, batch_sizes=(1, 2))
     report = calibrate(
-        model, forward_for(model, config), batch_sizes=args.batch_sizes, tree_sizes=args.tree_sizes,
+        model, model.propd.forward(config), batch_sizes=args.batch_sizes, tree_sizes=args.tree_sizes,
         kv_lengths=args.kv_lengths, repeats=args.repeats,
     )
     report["command"] = "propd " + " ".join(sys.argv[1:])

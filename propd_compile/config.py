@@ -41,7 +41,7 @@ class ProPDConfig:
     prune:           ProPD's early pruning (needs compile=True; passes/early_prune.py): after decoder
                      layer prune_layer, tree nodes whose token is outside the top prune_topk of
                      their parent's early prediction (and their subtrees) skip the deeper layers;
-                     lossless (pruned nodes are never accepted). Stats: propd_stats.pruned_fraction.
+                     lossless (pruned nodes are never accepted). Stats: model.propd.stats.pruned_fraction.
     prune_layer:     L_e (0-based decoder layer); None: the early head's layer, or 1/5 of the depth
                      with the logit lens.
     prune_topk:      k of the top-k membership test, ranked among the early head's shortlist (the

@@ -135,13 +135,12 @@ def shipped_early_head(model: nn.Module, root: Path = SHIPPED_DIR) -> Path | Non
 
 def prune_options(model: nn.Module, config) -> dict:
     """The propd backend's `prune` option for `config` (a ProPDConfig with prune=True): resolves
-    the early predictor once per model (head, layer) and registers it; sets its top-k from
-    `config.prune_topk` on every call, so a new k needs no recompile."""
+    the early predictor once per accelerated model and (head, layer) and registers it; sets its
+    top-k from `config.prune_topk` on every call, so a new k needs no recompile."""
     from propd_compile.kernels.early_prune import get_predictor, register_predictor
+    from propd_compile.state import built_for
 
-    cache = vars(model).setdefault("_propd_prune", {})
-    key = (config.prune_head, config.prune_layer)
-    if key not in cache:
+    def build() -> tuple[int, int]:
         path = None if config.prune_head == "lens" else (config.prune_head or shipped_early_head(model))
         if path is None:
             layers = model.config.get_text_config().num_hidden_layers
@@ -155,8 +154,9 @@ def prune_options(model: nn.Module, config) -> dict:
                     "pass prune_layer=None, prune_head='lens', or an early head trained for that layer"
                 )
             layer, predictor, vocab = head.layer, head.predictor(model), head.vocab
-        cache[key] = (layer, register_predictor(predictor, config.prune_topk, vocab))
-    layer, pid = cache[key]
+        return layer, register_predictor(predictor, config.prune_topk, vocab)
+
+    layer, pid = built_for(model, ("prune", config.prune_head, config.prune_layer), build)
     get_predictor(pid).topk = config.prune_topk
     return {"layer": layer, "predictor": pid}
 

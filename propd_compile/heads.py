@@ -284,30 +284,27 @@ def shipped_heads_for(model: nn.Module, root: Path = SHIPPED_DIR) -> Path | None
 def resolve_heads(model: nn.Module, path: str | Path | None) -> MedusaHeads | None:
     """Heads at `path` (checked against `model`), else shipped heads for `model`, else None.
 
-    Loaded heads are kept on the model (per path), moved to its device and dtype.
+    Loaded heads are moved to the model's device and dtype, and kept (per path) in an
+    accelerated model's state.
     """
+    from propd_compile.state import built_for
+
     if path is None:
-        cached = vars(model).get("_propd_shipped_heads", False)
-        if cached is False:
-            cached = shipped_heads_for(model)
-            model._propd_shipped_heads = cached
-        if cached is None:
+        path = built_for(model, ("shipped heads",), lambda: shipped_heads_for(model))
+        if path is None:
             return None
-        path = cached
-    key = str(Path(path).resolve())
-    loaded = vars(model).setdefault("_propd_heads", {})
-    if key not in loaded:
+
+    def load() -> MedusaHeads:
         check_hidden_logits(model)
         param = next(model.parameters())
-        loaded[key] = MedusaHeads.load(path, model).to(param.device, param.dtype)
-    return loaded[key]
+        return MedusaHeads.load(path, model).to(param.device, param.dtype)
+
+    return built_for(model, ("heads", str(Path(path).resolve())), load)
 
 
 @torch.no_grad()
 def check_hidden_logits(model: nn.Module) -> None:
     """Heads need logits = LMHead(base model's last hidden state); refuse models that rescale them."""
-    if vars(model).get("_propd_hidden_ok"):
-        return
     ids = torch.tensor([[1, 2, 3]], device=next(model.parameters()).device) % _text_config(model).vocab_size
     full = model(input_ids=ids, use_cache=False).logits
     split = model.get_output_embeddings()(model.base_model(input_ids=ids, use_cache=False).last_hidden_state)
@@ -316,7 +313,6 @@ def check_hidden_logits(model: nn.Module) -> None:
             f"{type(model).__name__} computes its logits with more than its LM head on the last hidden state "
             "(e.g. logit soft-capping or scaling); draft heads are not supported for it yet, use drafters=('ngram',)"
         )
-    model._propd_hidden_ok = True
 
 
 # --- trees from the heads' top-k ---------------------------------------------------------------

@@ -22,8 +22,8 @@ from typing import Sequence
 
 import torch
 
-from propd_compile.acceptance import AcceptanceModel
-from propd_compile.cost_model import LatencyModel, features, measure_step
+from propd_compile.acceptance import AcceptanceModel, RankStats
+from propd_compile.cost_model import LatencyModel, features, load_calibration, measure_step
 from propd_compile.tree import TokenTree
 
 PROBE_SIZES = (1, 2, 4, 8, 16, 32, 64)
@@ -104,6 +104,20 @@ class TreePlanner:
         self.latency.observe(features(batch, nodes, kept, kv), seconds)
         self.seen_batches.add(batch)
         self.calibrated_steps += 1
+
+
+def new_planner(model: torch.nn.Module, config) -> TreePlanner:  # config: ProPDConfig
+    """A planner for `config` on `model`: rank statistics warm-started from the heads' held-out
+    accuracies, the latency model from this machine's `propd calibrate` fit when there is one."""
+    from propd_compile.drafters import heads_for
+
+    heads = heads_for(config, model)
+    rank_stats = None
+    if heads is not None:
+        acc = (heads.accuracy or {}).get("rank_accuracy")
+        rank_stats = RankStats.warm(acc, ranks=config.heads_topk) if acc else RankStats(heads.num_heads, config.heads_topk)
+    latency = load_calibration(model, config.compile) or LatencyModel()
+    return TreePlanner(AcceptanceModel(rank_stats=rank_stats), latency, config.max_tree_nodes)
 
 
 class StepTimer:

@@ -18,14 +18,21 @@ from propd_compile.decoding import Forward, eager_forward
 import propd_compile.backend  # noqa: F401  (registers "propd" when the entry point is absent)
 
 
-def compiled_forward(
-    model: torch.nn.Module, config: ProPDConfig, hidden: bool = False, options: dict | None = None
-) -> Forward:
-    """`decoding.eager_forward(model, hidden)` compiled; with `hidden` it returns (logits, last
-    hidden state). `options`: the backend options (default: config.backend_options; `api.forward_for`
-    adds the resolved `prune` option)."""
-    options = dict(config.backend_options) if options is None else options
-    compiled = torch.compile(eager_forward(model, hidden=hidden), backend="propd", dynamic=True, options=options)
+def backend_options_for(model: torch.nn.Module, config: ProPDConfig) -> dict:
+    """The propd backend's options for `config`: its `backend_options`, plus the resolved early
+    predictor when `config.prune`."""
+    options = dict(config.backend_options)
+    if config.prune:
+        from propd_compile.early_head import prune_options
+
+        options["prune"] = prune_options(model, config)
+    return options
+
+
+def compiled_forward(model: torch.nn.Module, hidden: bool = False, options: dict | None = None) -> Forward:
+    """`decoding.eager_forward(model, hidden)` compiled with the propd backend and `options`;
+    with `hidden` it returns (logits, last hidden state)."""
+    compiled = torch.compile(eager_forward(model, hidden=hidden), backend="propd", dynamic=True, options=options or {})
 
     def forward(input_ids, mask, position_ids, cache):
         # No duck sizing: two sizes that happen to be equal at compile time (batch and tree size,
@@ -43,10 +50,13 @@ def warm_up(model: torch.nn.Module, config: ProPDConfig, batch_sizes: tuple[int,
     Dynamo specialises size-1 dimensions, and HF attention branches on `q_len > 1`, so the
     graphs are: one row or several, times root-only steps (T = 1) or trees (T > 1).
     """
-    from propd_compile.api import forward_for
     from propd_compile.drafters import build_drafter
+    from propd_compile.state import state_of
 
-    forward = forward_for(model, config, hidden=build_drafter(config, model).needs_hidden)
+    state = state_of(model)
+    if state is None:
+        raise ValueError("warm_up compiles an accelerated model's forwards: call propd_compile.accelerate(model, config) first")
+    forward = state.forward(config, hidden=build_drafter(config, model).needs_hidden)
     device = next(model.parameters()).device
     prefix = 5
     for b in batch_sizes:

@@ -27,12 +27,12 @@ def test_accelerate_returns_the_same_model_and_is_idempotent(model):
     out = model.generate(ids, attention_mask=mask, max_new_tokens=20)
     assert torch.equal(out, ref)
     assert model.state_dict().keys() == state.keys()  # no submodule was added
-    st = model.propd_stats
+    st = model.propd.stats
     assert st.new_tokens == (out[:, ids.shape[1]:] != PAD).sum() or st.new_tokens > 0
     assert st.steps >= 1 and st.mean_accepted >= 1.0 and st.mean_tree_nodes >= 1.0 and st.seconds > 0
     assert propd_compile.is_accelerated(model)
     restore(model)
-    assert not propd_compile.is_accelerated(model) and not hasattr(model, "propd_stats")
+    assert not propd_compile.is_accelerated(model) and not hasattr(model, "propd")
     assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=False), ref)
 
 
@@ -47,7 +47,7 @@ def test_decorator_forms():
 
     assert propd_compile.is_accelerated(make())
     m = make_small()
-    assert m._propd_config.max_tree_nodes == 4
+    assert m.propd.config.max_tree_nodes == 4
 
 
 def test_hf_arguments_are_honoured(model):

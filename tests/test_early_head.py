@@ -4,6 +4,8 @@ from __future__ import annotations
 import pytest
 import torch
 
+import propd_compile
+
 from models_tiny import VOCAB, tiny_model
 from propd_compile import ProPDConfig
 from propd_compile.early_head import (
@@ -91,6 +93,7 @@ def test_shortlist_head_scores_its_tokens_and_round_trips(model, tmp_path):
 
 
 def test_prune_options_resolve_head_layer_and_topk(model, tmp_path):
+    propd_compile.accelerate(model)  # the resolved predictor is kept in the model's state
     lens = prune_options(model, ProPDConfig(compile=True, prune=True, prune_head="lens", prune_layer=1, prune_topk=5))
     assert lens["layer"] == 1 and get_predictor(lens["predictor"]).topk == 5
     again = prune_options(model, ProPDConfig(compile=True, prune=True, prune_head="lens", prune_layer=1, prune_topk=9))

@@ -53,8 +53,10 @@ def test_fresh_heads_repeat_the_base_next_token_prediction():
     h = torch.randn(5, 32)
     out = heads(h, model.get_output_embeddings())
     assert out.shape == (5, 3, VOCAB)
-    for k in range(3):
-        assert torch.equal(out[:, k], model.get_output_embeddings()(h))
+    base = model.get_output_embeddings()(h)
+    for k in range(3):  # equal up to the GEMM's summation order, which depends on shape and threads
+        torch.testing.assert_close(out[:, k], base, rtol=1e-6, atol=1e-6)
+        assert torch.equal(out[:, k].argmax(-1), base.argmax(-1))
 
 
 def test_fresh_root_token_heads_repeat_the_base_prediction_and_read_the_root():
@@ -293,7 +295,7 @@ def test_accelerate_with_heads_is_identical_and_accepts_more(heads_dirs):
     try:
         out = model.generate(ids, attention_mask=mask, max_new_tokens=40, do_sample=False)
         assert torch.equal(out, ref)
-        assert model.propd_stats.mean_accepted > 1.0
+        assert model.propd.stats.mean_accepted > 1.0
     finally:
         propd_compile.restore(model)
 

@@ -245,12 +245,12 @@ def test_decoding_with_pruning_is_token_identical_to_hf_greedy(pruned_model, row
     ids, mask = left_padded(rows)
     out = pruned_model.generate(ids, attention_mask=mask, max_new_tokens=new)
     assert torch.equal(out, hf_greedy(pruned_model, ids, mask, new))
-    assert 0.0 <= pruned_model.propd_stats.pruned_fraction <= 1.0
+    assert 0.0 <= pruned_model.propd.stats.pruned_fraction <= 1.0
 
 
 def test_decoding_really_prunes(pruned_model):
     ids, mask = left_padded([[7, 8, 9, 10, 7, 8, 9, 10, 7, 8, 9, 10, 7, 8]])
     out = pruned_model.generate(ids, attention_mask=mask, max_new_tokens=40)
     assert torch.equal(out, hf_greedy(pruned_model, ids, mask, 40))
-    stats = pruned_model.propd_stats
+    stats = pruned_model.propd.stats
     assert stats.pruned_nodes > 0 and stats.pruned_fraction == stats.pruned_nodes / sum(stats.tree_sizes)

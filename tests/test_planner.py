@@ -126,7 +126,7 @@ def test_dynamic_tree_with_heads_is_lossless_and_updates_rank_statistics(tmp_pat
     propd_compile.accelerate(model, config)
     try:
         assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=30), ref)
-        planner = propd_compile.api.planner_for(model, config)
+        planner = model.propd.planner(config)
     finally:
         propd_compile.restore(model)
     stats = planner.acceptance.rank_stats

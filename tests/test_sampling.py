@@ -231,7 +231,7 @@ def test_generate_samples_exactly_with_the_ngram_drafter_and_eos(warp, tree):
     joint = _exact_joint(model, WARPERS[warp], eos=EOS)
     assert joint[:, :, EOS].sum() + joint[:, EOS].sum() + joint[EOS].sum() > 0.1  # EOS matters here
     if tree == "fixed":  # (the dynamic tree mostly picks plain steps for 4000 rows at once)
-        assert model.propd_stats.mean_tree_nodes > 2  # the prompt repeats: the drafter proposes trees
+        assert model.propd.stats.mean_tree_nodes > 2  # the prompt repeats: the drafter proposes trees
     assert _chi_square_p_value(out[:, len(PROMPT):], joint) > 1e-3
 
 
@@ -267,7 +267,7 @@ def test_sampling_from_a_point_mass_is_greedy(compile):
     ref = hf_greedy(model, ids, mask, 20)
     accelerate(model, ProPDConfig(compile=compile, max_tree_nodes=8))
     for acceptance in ("exact", "typical"):
-        model._propd_config = model._propd_config.with_(acceptance=acceptance)
+        model.propd.config = model.propd.config.with_(acceptance=acceptance)
         assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=True, top_k=1), ref)
 
 
