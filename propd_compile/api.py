@@ -188,6 +188,8 @@ def propd_generate(
     planner = state.planner(config) if config.tree == "dynamic" else None
     drafter = build_drafter(config, model, rank_stats=planner.acceptance.rank_stats if planner else None)
     forward = state.forward(config, hidden=drafter.needs_hidden)
+    compiled = state.compiled(config, drafter.needs_hidden)
+    prefill = forward if compiled and not config.prune else None
     sequences, stats = tree_generate(
         model,
         input_ids,
@@ -198,11 +200,13 @@ def propd_generate(
         drafter=drafter,
         max_tree_nodes=config.max_tree_nodes,
         forward=forward,
+        prefill=prefill,
         stopping_criteria=stopping,
         streamer=model_kwargs.get("streamer"),
         accept=accept,
         planner=planner,
     )
+    stats.compiled = compiled
     state.stats = stats
     if gen.return_dict_in_generate:
         from transformers.generation.utils import GenerateDecoderOnlyOutput

@@ -60,17 +60,25 @@ METHODS: dict[str, Method] = {
         "HF prompt-lookup decoding (prompt_lookup_num_tokens=10; HF's assisted generate takes batch 1 only)",
         hf={"prompt_lookup_num_tokens": 10}, max_batch_size=1,
     ),
-    "ngram": Method("ProPD runtime, n-gram drafter only (training-free)", propd={"drafters": ("ngram",)}),
+    # ProPD's own loop with plain one-token steps: the speculative gain is measured against these,
+    # on the same kernels (eager and compiled), apart from the kernel gain.
+    "plain": Method("ProPD loop, plain one-token steps (max_tree_nodes=1), eager", propd={"max_tree_nodes": 1, "compile": False}),
+    "plain-compiled": Method(
+        "ProPD loop, plain one-token steps, compiled kernels (frozen, autotuned AOTInductor package)",
+        propd={"max_tree_nodes": 1, "compile": True},
+    ),
+    "ngram": Method("ProPD runtime, n-gram drafter only (training-free), eager", propd={"drafters": ("ngram",), "compile": False}),
     # 16 nodes: the best static size on this CPU (a step costs about the same from 2 to 16 tree
     # tokens, ../shared/research/measurements.md), so the static baseline is not a straw man.
-    "medusa": Method("static Medusa tree (16 nodes) from the shipped heads", propd={"tree": "medusa", "max_tree_nodes": 16}),
-    "dynamic": Method("ProPD dynamic tree (heads + n-gram, cost model), no pruning", propd={"tree": "dynamic"}),
-    # The prune point is a compiler pass, so the pruning rows are compiled; `--compile` compiles
-    # every ProPD row, for an ablation where pruning is the only difference.
-    "prune": Method("static Medusa tree (16 nodes) with early pruning (compiled)",
+    "medusa": Method("static Medusa tree (16 nodes) from the shipped heads, eager",
+                     propd={"tree": "medusa", "max_tree_nodes": 16, "compile": False}),
+    "dynamic": Method("ProPD dynamic tree (heads + n-gram, cost model), eager", propd={"tree": "dynamic", "compile": False}),
+    # The prune point is a pass of the torch.compile backend (its own compiled kernels).
+    "prune": Method("static Medusa tree (16 nodes) with early pruning (torch.compile backend)",
                     propd={"tree": "medusa", "max_tree_nodes": 16, "prune": True, "compile": True}),
-    "propd": Method("ProPD: dynamic tree and early pruning (compiled)",
-                    propd={"tree": "dynamic", "prune": True, "compile": True}),
+    "dynamic-prune": Method("ProPD dynamic tree with early pruning (torch.compile backend)",
+                            propd={"tree": "dynamic", "prune": True, "compile": True}),
+    "propd": Method("ProPD defaults: dynamic tree, heads + n-gram, compiled kernels", propd={"compile": True}),
 }
 # --quick leaves out the compiled methods: their first compile alone takes minutes on a 2-core
 # CPU (the compiled runtime and the prune pass have their own lossless tests).
@@ -615,41 +623,81 @@ def write_md(md_path: str | Path, section: str) -> None:
     path.write_text(text)
 
 
+def _hf_step_seconds(model, batch: int, kv_len: int, repeats: int, gen: torch.Generator) -> float:
+    """Median seconds of HF's own eager decoding step: one token per row after `kv_len` cached tokens."""
+    from transformers import DynamicCache
+
+    vocab = model.get_output_embeddings().weight.shape[0]
+    cache = DynamicCache()
+    model(input_ids=torch.randint(0, vocab, (batch, kv_len), generator=gen), past_key_values=cache, use_cache=True)
+    step = torch.randint(0, vocab, (batch, 1), generator=gen)
+    times = []
+    for rep in range(repeats + 1):
+        t = time.perf_counter()
+        model(input_ids=step, past_key_values=cache, use_cache=True)
+        times.append(time.perf_counter() - t)
+        cache.crop(kv_len)
+    return statistics.median(times[1:])
+
+
 def verify_latency(
-    model, forwards: dict[str, Callable], sizes=(1, 4, 8, 16, 32, 64), kv_len: int = 200, batch: int = 1, repeats: int = 7
+    model, forwards: dict[str, Callable], sizes=(1, 2, 4, 8, 16, 32, 64), batches=(1,), kv_len: int = 256,
+    repeats: int = 7,
 ) -> dict:
-    """Median latency of one verification forward per tree size (a chain-shaped tree mask over a
-    KV cache of `kv_len` tokens), for each forward, interleaved; plus ratios to the first forward."""
+    """Median latency of one verification forward per batch size and tree size (a chain-shaped
+    tree mask over `kv_len` cached tokens), each forward interleaved with the others, and HF's
+    own eager 1-token step at the same batch size as the reference (`ratio_to_hf_step`)."""
     from propd_compile.cache import TreeKVCache
 
     vocab = model.get_output_embeddings().weight.shape[0]
     gen = torch.Generator().manual_seed(0)
-    out: dict[str, dict[int, float]] = {name: {} for name in forwards}
+    ms: dict[str, dict[int, dict[int, float]]] = {name: {} for name in forwards}
+    hf: dict[int, float] = {}
     with torch.no_grad():
-        for T in sizes:
-            times: dict[str, list[float]] = {name: [] for name in forwards}
-            tokens = torch.randint(0, vocab, (batch, T), generator=gen)
-            tree = torch.ones(T, T, dtype=torch.bool).tril()
-            mask = torch.cat([torch.ones(batch, T, kv_len, dtype=torch.bool), tree.repeat(batch, 1, 1)], 2)[:, None]
-            positions = (kv_len + torch.arange(T)).repeat(batch, 1)
-            for rep in range(repeats + 1):  # the first round warms up
-                for name, fwd in forwards.items():
-                    cache = TreeKVCache.for_model(model, batch, kv_len + T + 1)
-                    cache.lengths = [kv_len] * batch
-                    cache.begin_step(mask)
-                    t = time.perf_counter()
-                    fwd(tokens, mask, positions, cache)
-                    dt = time.perf_counter() - t
-                    cache.end_step()
-                    if rep:
-                        times[name].append(dt)
+        for batch in batches:
+            hf[batch] = 1e3 * _hf_step_seconds(model, batch, kv_len, repeats, gen)
             for name in forwards:
-                out[name][T] = statistics.median(times[name])
-    first = next(iter(forwards))
+                ms[name][batch] = {}
+            for T in sizes:
+                times: dict[str, list[float]] = {name: [] for name in forwards}
+                tokens = torch.randint(0, vocab, (batch, T), generator=gen)
+                tree = torch.ones(T, T, dtype=torch.bool).tril()
+                mask = torch.cat([torch.ones(batch, T, kv_len, dtype=torch.bool), tree.repeat(batch, 1, 1)], 2)[:, None]
+                positions = (kv_len + torch.arange(T)).repeat(batch, 1)
+                for rep in range(repeats + 1):  # the first round warms up
+                    for name, fwd in forwards.items():
+                        cache = TreeKVCache.for_model(model, batch, kv_len + T + 1)
+                        cache.lengths = [kv_len] * batch
+                        cache.begin_step(mask)
+                        t = time.perf_counter()
+                        fwd(tokens, mask, positions, cache)
+                        dt = time.perf_counter() - t
+                        cache.end_step()
+                        if rep:
+                            times[name].append(dt)
+                for name in forwards:
+                    ms[name][batch][T] = 1e3 * statistics.median(times[name])
     return {
-        "kv_len": kv_len,
-        "batch": batch,
-        "ms": {n: {T: 1e3 * s for T, s in d.items()} for n, d in out.items()},
-        "vs_T1": {n: {T: s / d[sizes[0]] for T, s in d.items()} for n, d in out.items()},
-        f"ratio_to_{first}": {n: {T: out[first][T] / s for T, s in d.items()} for n, d in out.items()},
+        "kv_len": kv_len, "batches": list(batches), "sizes": list(sizes), "hf_step_ms": hf, "ms": ms,
+        "ratio_to_hf_step": {n: {b: {T: v / hf[b] for T, v in d.items()} for b, d in bd.items()} for n, bd in ms.items()},
     }
+
+
+def latency_markdown(report: dict) -> str:
+    """One table per batch size: each forward's ms and its ratio to HF's eager 1-token step."""
+    names = list(report["ms"])
+    out = []
+    for b in report["batches"]:
+        b_ = b if b in report["hf_step_ms"] else str(b)
+        out.append(f"Batch {b}, KV {report['kv_len']}: HF eager 1-token step {report['hf_step_ms'][b_]:.1f} ms\n")
+        out.append("| tree nodes | " + " | ".join(f"{n} ms | {n} / HF step" for n in names) + " |")
+        out.append("|---|" + "---|---|" * len(names))
+        for T in report["sizes"]:
+            cells = []
+            for n in names:
+                d, r = report["ms"][n][b_], report["ratio_to_hf_step"][n][b_]
+                T_ = T if T in d else str(T)
+                cells.append(f"{d[T_]:.1f} | {r[T_]:.2f}")
+            out.append(f"| {T} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)

@@ -48,6 +48,18 @@ class TreeKVCache(Cache):
         self.keep = torch.ones((batch_size, max_len), dtype=torch.bool, device=device)
 
     @classmethod
+    def over(
+        cls, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], keep: torch.Tensor, attn_mask: torch.Tensor
+    ) -> "TreeKVCache":
+        """The cache interface over given buffers for one forward (inside an exported graph, where
+        the buffers are the graph's inputs); the runtime-side bookkeeping is not set."""
+        cache = cls.__new__(cls)
+        Cache.__init__(cache, layers=[])
+        cache.keys, cache.values, cache.keep, cache.attn_mask = list(keys), list(values), keep, attn_mask
+        cache.max_len = keys[0].shape[2]
+        return cache
+
+    @classmethod
     def for_model(cls, model: torch.nn.Module, batch_size: int, max_len: int) -> "TreeKVCache":
         cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
         heads = cfg.num_attention_heads

@@ -14,9 +14,12 @@ from propd_compile.config import TREES, ProPDConfig
 from propd_compile.models import DEFAULT_MODEL
 
 
+COMPILE = {"auto": "auto", "on": True, "off": False}
+
+
 def _config(args) -> ProPDConfig:
     return ProPDConfig(
-        max_tree_nodes=args.tree_nodes, tree=args.tree, compile=args.compile, heads=args.heads,
+        max_tree_nodes=args.tree_nodes, tree=args.tree, compile=COMPILE[args.compile], heads=args.heads,
         drafters=tuple(args.drafters) if args.drafters else None,
     )
 
@@ -28,7 +31,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--drafters", nargs="+", default=None, choices=["ngram", "heads"],
                    help="drafters to fuse (default: heads + ngram when heads are available, else ngram)")
     p.add_argument("--tree-nodes", type=int, default=ProPDConfig.max_tree_nodes, help="node budget per step")
-    p.add_argument("--compile", action="store_true", help="verify through torch.compile(backend='propd')")
+    p.add_argument("--compile", choices=list(COMPILE), default="auto",
+                   help="compiled kernels: auto (when `propd warmup` built them), on (build if missing), off")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
@@ -46,41 +50,69 @@ def cmd_generate(args) -> int:
     streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
     model.generate(**enc, max_new_tokens=args.max_new_tokens, streamer=streamer)
     st = model.propd.stats
+    kernels = "compiled kernels" if st.compiled else "eager kernels; `propd warmup` builds compiled ones once"
     print(
         f"\n[propd] {st.new_tokens} tokens in {st.seconds:.2f}s ({st.tokens_per_second:.1f} tok/s), "
-        f"{st.steps} steps, {st.mean_accepted:.2f} tokens/step, {st.mean_tree_nodes:.1f} tree nodes/step",
+        f"{st.steps} steps, {st.mean_accepted:.2f} tokens/step, {st.mean_tree_nodes:.1f} tree nodes/step ({kernels})",
         file=sys.stderr,
     )
     return 0
 
 
 def cmd_latency(args, model) -> int:
-    """Verification-step latency per tree size: eager vs backend="propd", same run."""
+    """Verification-step latency per tree size and batch size: HF's eager 1-token step, eager
+    and compiled tree steps, same run."""
     import time
 
     import propd_compile
     from propd_compile import bench
     from propd_compile.decoding import eager_forward
-    from propd_compile.runtime_compile import warm_up
 
     config = ProPDConfig(compile=True)
     propd_compile.accelerate(model, config)
     t = time.perf_counter()
-    warm_up(model, config, batch_sizes=(args.batch_sizes[0],))
-    compile_s = time.perf_counter() - t
+    compiled = model.propd.forward(config)
+    ready_s = time.perf_counter() - t
     report = bench.verify_latency(
-        model, {"eager": eager_forward(model), "propd": model.propd.forward(config)},
-        kv_len=args.kv_len, batch=args.batch_sizes[0], repeats=args.repeats,
+        model, {"eager": eager_forward(model), "propd": compiled}, kv_len=args.kv_len, batches=args.batch_sizes,
+        repeats=args.repeats,
     )
-    report["first_compile_seconds"] = compile_s
+    report["compiled_ready_seconds"] = ready_s
     report["machine"] = bench.machine_info()
     report["command"] = "propd " + " ".join(sys.argv[1:])
-    print(f"first compile (root-only + tree graphs): {compile_s:.1f} s")
-    print("| tree nodes | eager ms | propd ms | speedup |\n|---|---|---|---|")
-    for T, ms in report["ms"]["eager"].items():
-        print(f"| {T} | {ms:.1f} | {report['ms']['propd'][T]:.1f} | {report['ratio_to_eager']['propd'][T]:.2f}x |")
+    print(bench.latency_markdown(report))
     if args.json:
         bench.save(report, args.json)
+    return 0
+
+
+def cmd_warmup(args) -> int:
+    """Build (or find) the compiled kernels for a model on this machine, then calibrate the
+    dynamic tree's latency model on them: later runs start compiled in seconds."""
+    import json
+    import time
+
+    import propd_compile
+    from propd_compile import models
+    from propd_compile.cost_model import calibrate, save_calibration
+    from propd_compile.runtime_compile import manifest_path, package_key
+
+    model, _ = models.load(args.model)
+    config = ProPDConfig(compile=True)
+    propd_compile.accelerate(model, config)
+    key = package_key(model, config)
+    built = not key.path().exists()
+    t = time.perf_counter()
+    forward = model.propd.forward(config)
+    manifest = json.loads(manifest_path(key.path()).read_text())
+    print(f"[propd] compiled kernels {'built' if built else 'found'}: {key.path()} "
+          f"(first compile {manifest['compile_seconds']:.0f} s; ready in {time.perf_counter() - t:.1f} s)")
+    if not args.no_calibrate:
+        report = calibrate(model, forward, batch_sizes=args.batch_sizes, tree_sizes=args.tree_sizes,
+                           kv_lengths=args.kv_lengths, repeats=args.repeats)
+        report["command"] = "propd " + " ".join(sys.argv[1:])
+        path = save_calibration(model, report, compiled=True)
+        print(f"[propd] latency model of the compiled kernels: held-out MAPE {100 * report['held_out_mape']:.1f}%, saved to {path}")
     return 0
 
 
@@ -183,27 +215,23 @@ def cmd_train_heads(args) -> int:
 
 def cmd_calibrate(args) -> int:
     """Measure verification steps on this machine, report the held-out error, save the fit."""
-    from pathlib import Path
-
     import propd_compile
     from propd_compile import models
     from propd_compile.cost_model import calibrate, save_calibration
 
     model, _ = models.load(args.model)
-    config = ProPDConfig(compile=args.compile)
+    config = ProPDConfig(compile=COMPILE[args.compile] if args.compile != "auto" else "auto")
     propd_compile.accelerate(model, config)
-    if args.compile:
-        from propd_compile.runtime_compile import warm_up
-
-        warm_up(model, config, batch_sizes=(1, 2))
+    compiled = model.propd.compiled(config)
     report = calibrate(
         model, model.propd.forward(config), batch_sizes=args.batch_sizes, tree_sizes=args.tree_sizes,
         kv_lengths=args.kv_lengths, repeats=args.repeats,
     )
     report["command"] = "propd " + " ".join(sys.argv[1:])
-    path = save_calibration(model, report, args.compile, Path(args.out) if args.out else None)
+    path = save_calibration(model, report, compiled, Path(args.out) if args.out else None)
     print(f"held-out MAPE {100 * report['held_out_mape']:.1f}% on {report['held_out_points']} of {len(report['points'])} "
-          f"step shapes; fit saved to {path} (dynamic trees on this machine start from it)")
+          f"step shapes ({'compiled' if compiled else 'eager'} kernels); fit saved to {path} "
+          "(dynamic trees on this machine start from it)")
     return 0
 
 
@@ -236,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--md", default="BENCHMARKS.md", help="markdown file for --write-md")
     b.add_argument("--temperature", type=float, default=None, help="sample at this temperature (HF sampling vs propd)")
     b.add_argument("--latency", action="store_true", help="verification latency per tree size, eager vs compiled")
-    b.add_argument("--kv-len", type=int, default=200, help="KV cache length for --latency")
+    b.add_argument("--kv-len", type=int, default=256, help="KV cache length for --latency")
     _add_common(b)
     b.set_defaults(func=cmd_bench)
     from propd_compile.train_heads import TrainSettings
@@ -266,10 +294,20 @@ def main(argv: list[str] | None = None) -> int:
     c.add_argument("--tree-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 12, 16, 24, 32, 48, 64])
     c.add_argument("--kv-lengths", type=int, nargs="+", default=[64, 256, 512])
     c.add_argument("--repeats", type=int, default=3)
-    c.add_argument("--compile", action="store_true", help="calibrate the compiled (propd backend) forward")
+    c.add_argument("--compile", choices=list(COMPILE), default="off",
+                   help="calibrate the compiled kernels (on: build them if missing; auto: if built) or eager (off)")
     c.add_argument("--out", default=None, help="where to save the fit (default: the cache, where decoding looks)")
     c.add_argument("--threads", type=int, default=None, help="torch CPU threads (the fit is per thread count)")
     c.set_defaults(func=cmd_calibrate)
+    w = sub.add_parser("warmup", help="build this machine's compiled kernels for a model (once; minutes) and calibrate them")
+    w.add_argument("--model", default=DEFAULT_MODEL)
+    w.add_argument("--no-calibrate", action="store_true", help="only build the kernels")
+    w.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8])
+    w.add_argument("--tree-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 12, 16, 24, 32])
+    w.add_argument("--kv-lengths", type=int, nargs="+", default=[64, 256, 512])
+    w.add_argument("--repeats", type=int, default=3)
+    w.add_argument("--threads", type=int, default=None, help="torch CPU threads (kernels and fit are per thread count)")
+    w.set_defaults(func=cmd_warmup)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

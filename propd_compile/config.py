@@ -28,8 +28,13 @@ class ProPDConfig:
                      model, if any (see propd_compile/data/heads).
     heads_topk:      candidates per head (depth) in the dynamic heads tree.
     ngram_max:       longest suffix n-gram the n-gram drafter matches.
-    compile:         run the verification forward through `torch.compile(backend="propd")`.
-    backend_options: options handed to the propd backend (see `propd_compile.backend`).
+    compile:         compiled verification kernels (`propd_compile.runtime_compile`: the forward
+                     exported once, propd's FX passes, AOTInductor with frozen weights and autotuned
+                     C++ GEMM templates, kept on disk). "auto" (default): use them when they are
+                     already built for this model and machine (`propd warmup`), eager kernels
+                     otherwise; True: build them when missing (minutes, once); False: eager.
+    backend_options: options handed to the propd torch.compile backend (see `propd_compile.backend`;
+                     the early-pruning path).
     acceptance:      how sampled decoding (`do_sample=True`) accepts drafts. "exact" (default):
                      multi-draft speculative sampling, the output follows the model's sampling
                      distribution exactly. "typical": Medusa's typical acceptance, LOSSY: a drafted
@@ -38,7 +43,8 @@ class ProPDConfig:
                      applied); more tokens per step, but the output distribution changes
                      (over-represents likely drafted tokens). Greedy decoding ignores it.
     posterior_threshold, posterior_alpha: the typical-acceptance bar (Medusa's defaults).
-    prune:           ProPD's early pruning (needs compile=True; passes/early_prune.py): after decoder
+    prune:           ProPD's early pruning (needs compile=True; passes/early_prune.py; runs through
+                     `torch.compile(backend="propd")`, whose prune point calls the predictor): after decoder
                      layer prune_layer, tree nodes whose token is outside the top prune_topk of
                      their parent's early prediction (and their subtrees) skip the deeper layers;
                      lossless (pruned nodes are never accepted). Stats: model.propd.stats.pruned_fraction.
@@ -57,7 +63,7 @@ class ProPDConfig:
     max_depth: int = 6
     drafters: tuple[str, ...] | None = None
     ngram_max: int = 4
-    compile: bool = False
+    compile: bool | str = "auto"
     backend_options: dict[str, Any] = field(default_factory=dict)
     acceptance: str = "exact"
     posterior_threshold: float = 0.09
@@ -84,7 +90,9 @@ class ProPDConfig:
             raise ValueError("ProPDConfig needs 0 <= posterior_threshold <= 1 and posterior_alpha >= 0")
         if self.heads_topk < 1:
             raise ValueError("ProPDConfig.heads_topk must be >= 1")
-        if self.prune and not self.compile:
+        if self.compile not in (True, False, "auto"):
+            raise ValueError(f"ProPDConfig.compile={self.compile!r} is not supported; use True, False or 'auto'")
+        if self.prune and self.compile is not True:
             raise ValueError("ProPDConfig(prune=True) needs compile=True: the prune point is a compiler pass")
         if self.prune_topk < 1 or (self.prune_layer is not None and self.prune_layer < 0):
             raise ValueError("ProPDConfig needs prune_topk >= 1 and prune_layer >= 0 (or None)")

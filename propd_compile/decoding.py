@@ -22,8 +22,10 @@ from propd_compile.drafters import Drafter
 from propd_compile.planner import StepTimer, TreePlanner
 from propd_compile.tree import TokenTree, TreeBatch
 
-# forward(input_ids [B,T], mask [B,1,T,KV] bool, position_ids [B,T], cache) -> logits [B,T,V]
-Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, TreeKVCache], torch.Tensor]
+# forward(input_ids [B,T], mask [B,1,T,KV] bool, position_ids [B,T], cache, last_only=False)
+#   -> logits [B,T,V] ([B,1,V] with last_only: the prefill needs only the last position's), or
+#   (logits, final hidden states [B,T,H]) for forwards made with `hidden`
+Forward = Callable[..., torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
 # accept(trees, logits [B,T,V]) -> (per row: accepted root-to-node path, bonus token after it)
 AcceptRule = Callable[[TreeBatch, torch.Tensor], tuple[list[list[int]], list[int]]]
 
@@ -46,6 +48,7 @@ class DecodeStats:
     latency_errors: list[float] = field(default_factory=list)
 
     pruned_nodes: int = 0  # tree nodes an early-prune point kept out of the deep layers
+    compiled: bool = False  # the verification ran compiled kernels
 
     @property
     def tokens_per_second(self) -> float:
@@ -71,8 +74,11 @@ def eager_forward(model: torch.nn.Module, hidden: bool = False) -> Forward:
     if hidden:
         return hidden_forward(model)
 
-    def forward(input_ids, mask, position_ids, cache):
-        return model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True).logits
+    def forward(input_ids, mask, position_ids, cache, last_only: bool = False):
+        return model(
+            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True,
+            logits_to_keep=int(last_only),
+        ).logits
 
     return forward
 
@@ -83,10 +89,10 @@ def hidden_forward(model: torch.nn.Module) -> Forward:
     with `needs_hidden` use them; `heads.check_hidden_logits` refuses models that differ)."""
     base, lm_head = model.base_model, model.get_output_embeddings()
 
-    def forward(input_ids, mask, position_ids, cache):
+    def forward(input_ids, mask, position_ids, cache, last_only: bool = False):
         h = base(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True)
         h = h.last_hidden_state
-        return lm_head(h), h
+        return lm_head(h[:, -1:] if last_only else h), h
 
     return forward
 
@@ -127,6 +133,7 @@ def tree_generate(
     drafter: Drafter,
     max_tree_nodes: int,
     forward: Forward | None = None,
+    prefill: Forward | None = None,
     stopping_criteria: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
     streamer=None,
     accept: AcceptRule = greedy_rule,
@@ -137,7 +144,8 @@ def tree_generate(
     `accept` decides what each step emits (greedy by default); the token after the prompt is the
     bonus token of a root-only tree, so the rule also picks it. With a `planner` (dynamic trees)
     the drafters propose up to `max_tree_nodes` nodes and the planner cuts every step's trees to
-    the size it expects to be fastest, learning from each step's outcome and time.
+    the size it expects to be fastest, learning from each step's outcome and time. `prefill`
+    runs the prompt (default: the eager forward; a compiled one where it takes prompts).
     """
     t0 = time.perf_counter()
     needs_hidden = getattr(drafter, "needs_hidden", False)
@@ -154,15 +162,9 @@ def tree_generate(
     pos = (valid_prompt.long().cumsum(1) - 1).clamp(min=0)
     mask = _prefill_mask(valid_prompt)
     cache.begin_step(mask)
-    if needs_hidden:
-        hidden = model.base_model(
-            input_ids=input_ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True
-        ).last_hidden_state[:, -1]
-        logits = model.get_output_embeddings()(hidden)
-    else:
-        logits = model(
-            input_ids=input_ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1
-        ).logits[:, -1]
+    out = (prefill or eager_forward(model, hidden=needs_hidden))(input_ids, mask, pos, cache, last_only=True)
+    logits, hidden = out if needs_hidden else (out, None)
+    logits = logits[:, -1]
     cache.end_step()
     _check_finite(logits)
     cache.commit_prefill(attention_mask)
@@ -198,7 +200,7 @@ def tree_generate(
         appended = emit(b, [first[b]])
         drafter.advance(b, appended)
     if needs_hidden:
-        _give_hidden(drafter, done, hidden, [-1] * B)
+        _give_hidden(drafter, done, hidden[:, -1], [-1] * B)
     if streamer is not None:
         streamer.put(torch.tensor(first[:1]))
 

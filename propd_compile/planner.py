@@ -108,7 +108,8 @@ class TreePlanner:
 
 def new_planner(model: torch.nn.Module, config) -> TreePlanner:  # config: ProPDConfig
     """A planner for `config` on `model`: rank statistics warm-started from the heads' held-out
-    accuracies, the latency model from this machine's `propd calibrate` fit when there is one."""
+    accuracies, the latency model from this machine's `propd calibrate` fit of the kernels
+    decoding will run (eager or compiled) when there is one."""
     from propd_compile.drafters import heads_for
 
     heads = heads_for(config, model)
@@ -116,7 +117,11 @@ def new_planner(model: torch.nn.Module, config) -> TreePlanner:  # config: ProPD
     if heads is not None:
         acc = (heads.accuracy or {}).get("rank_accuracy")
         rank_stats = RankStats.warm(acc, ranks=config.heads_topk) if acc else RankStats(heads.num_heads, config.heads_topk)
-    latency = load_calibration(model, config.compile) or LatencyModel()
+    from propd_compile.state import state_of
+
+    state = state_of(model)
+    compiled = state is not None and state.compiled(config, hidden=heads is not None)
+    latency = load_calibration(model, compiled) or LatencyModel()
     return TreePlanner(AcceptanceModel(rank_stats=rank_stats), latency, config.max_tree_nodes)
 
 
