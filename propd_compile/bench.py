@@ -64,7 +64,10 @@ METHODS: dict[str, Method] = {
     # 16 nodes: the best static size on this CPU (a step costs about the same from 2 to 16 tree
     # tokens, ../shared/research/measurements.md), so the static baseline is not a straw man.
     "medusa": Method("static Medusa tree (16 nodes) from the shipped heads", propd={"tree": "medusa", "max_tree_nodes": 16}),
-    "dynamic": Method("ProPD dynamic tree (heads + n-gram, cost model), no pruning", propd={"tree": "dynamic"}),
+    "dynamic": Method("ProPD dynamic tree (heads + n-gram, cost model), no pruning",
+                      propd={"tree": "dynamic", "drafters": ("heads", "ngram")}),
+    "eagle": Method("ProPD dynamic tree (feature drafter + n-gram, cost model), no pruning",
+                    propd={"tree": "dynamic", "drafters": ("feature", "ngram")}),
     # The prune point is a compiler pass, so the pruning rows are compiled; `--compile` compiles
     # every ProPD row, for an ablation where pruning is the only difference.
     "prune": Method("static Medusa tree (16 nodes) with early pruning (compiled)",

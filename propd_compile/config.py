@@ -22,11 +22,16 @@ class ProPDConfig:
     max_tree_nodes:  node budget per row and step, root included (1 = plain greedy decoding); the
                      largest candidate of the dynamic tree.
     max_depth:       longest draft path below the root.
-    drafters:        names of the drafters whose trees are merged ("ngram", "heads"); None (default):
-                     ("heads", "ngram") when draft heads are available for the model, else ("ngram",).
+    drafters:        names of the drafters whose trees are merged ("ngram", "heads", "feature"); None
+                     (default): ("feature", "ngram") when a feature drafter is available for the
+                     model, else ("heads", "ngram") when draft heads are, else ("ngram",).
     heads:           directory of draft heads (`propd train-heads`); None: heads shipped for the
                      model, if any (see propd_compile/data/heads).
     heads_topk:      candidates per head (depth) in the dynamic heads tree.
+    drafter:         directory of a feature drafter (`propd train-drafter`); None: the one shipped
+                     for the model, if any (see propd_compile/data/drafter). With drafters=None an
+                     available feature drafter is the default, fused with n-gram drafts.
+    drafter_topk:    the feature drafter's children per expanded node and nodes expanded per depth.
     ngram_max:       longest suffix n-gram the n-gram drafter matches.
     compile:         run the verification forward through `torch.compile(backend="propd")`.
     backend_options: options handed to the propd backend (see `propd_compile.backend`).
@@ -64,6 +69,8 @@ class ProPDConfig:
     posterior_alpha: float = 0.3
     heads: str | None = None
     heads_topk: int = 8
+    drafter: str | None = None
+    drafter_topk: int = 8
     prune: bool = False
     prune_layer: int | None = None
     prune_topk: int = 1500
@@ -82,15 +89,15 @@ class ProPDConfig:
             raise ValueError(f"ProPDConfig.acceptance={self.acceptance!r} is not supported; use 'exact' or 'typical'")
         if not (0 <= self.posterior_threshold <= 1 and self.posterior_alpha >= 0):
             raise ValueError("ProPDConfig needs 0 <= posterior_threshold <= 1 and posterior_alpha >= 0")
-        if self.heads_topk < 1:
-            raise ValueError("ProPDConfig.heads_topk must be >= 1")
+        if self.heads_topk < 1 or self.drafter_topk < 1:
+            raise ValueError("ProPDConfig.heads_topk and drafter_topk must be >= 1")
         if self.prune and not self.compile:
             raise ValueError("ProPDConfig(prune=True) needs compile=True: the prune point is a compiler pass")
         if self.prune_topk < 1 or (self.prune_layer is not None and self.prune_layer < 0):
             raise ValueError("ProPDConfig needs prune_topk >= 1 and prune_layer >= 0 (or None)")
         if self.drafters is not None and not self.drafters:
             raise ValueError("ProPDConfig.drafters is empty; name at least one drafter, or None for the default")
-        known = {"ngram", "heads"}
+        known = {"ngram", "heads", "feature"}
         unknown = [d for d in (self.drafters or ()) if d not in known]
         if unknown:
             raise ValueError(f"unknown drafters {unknown}; available: {sorted(known)}")

@@ -66,10 +66,11 @@ class DecodeStats:
         return out
 
 
-def eager_forward(model: torch.nn.Module, hidden: bool = False) -> Forward:
-    """The model's own forward; with `hidden`, returns (logits, last hidden state) instead."""
-    if hidden:
-        return hidden_forward(model)
+def eager_forward(model: torch.nn.Module, hidden: bool = False, taps: tuple[int, ...] = ()) -> Forward:
+    """The model's own forward; with `hidden`, returns (logits, last hidden state) instead, and
+    with `taps` (logits, last hidden state, tapped features)."""
+    if hidden or taps:
+        return hidden_forward(model, taps)
 
     def forward(input_ids, mask, position_ids, cache):
         return model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True).logits
@@ -77,15 +78,22 @@ def eager_forward(model: torch.nn.Module, hidden: bool = False) -> Forward:
     return forward
 
 
-def hidden_forward(model: torch.nn.Module) -> Forward:
+def hidden_forward(model: torch.nn.Module, taps: tuple[int, ...] = ()) -> Forward:
     """(logits, hidden): the base model's final-norm hidden states and its LM head on them, which
     is what the causal-LM forward computes, so the hidden states cost nothing extra (drafters
-    with `needs_hidden` use them; `heads.check_hidden_logits` refuses models that differ)."""
+    with `needs_hidden` use them; `heads.check_hidden_logits` refuses models that differ).
+    With `taps`, also the hidden states entering those layers (HF `hidden_states` indices),
+    concatenated: (logits, hidden, features [B, T, len(taps) * H]), for the feature drafter."""
     base, lm_head = model.base_model, model.get_output_embeddings()
 
     def forward(input_ids, mask, position_ids, cache):
-        h = base(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True)
-        h = h.last_hidden_state
+        out = base(
+            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True,
+            output_hidden_states=bool(taps),
+        )
+        h = out.last_hidden_state
+        if taps:
+            return lm_head(h), h, torch.cat([out.hidden_states[t] for t in taps], -1)
         return lm_head(h), h
 
     return forward
@@ -141,7 +149,8 @@ def tree_generate(
     """
     t0 = time.perf_counter()
     needs_hidden = getattr(drafter, "needs_hidden", False)
-    forward = forward or eager_forward(model, hidden=needs_hidden)
+    taps = tuple(getattr(drafter, "feature_layers", ()) or ())
+    forward = forward or eager_forward(model, hidden=needs_hidden, taps=taps)
     device = input_ids.device
     B, P = input_ids.shape
     eos = set(int(e) for e in eos_token_ids)
@@ -154,11 +163,15 @@ def tree_generate(
     pos = (valid_prompt.long().cumsum(1) - 1).clamp(min=0)
     mask = _prefill_mask(valid_prompt)
     cache.begin_step(mask)
-    if needs_hidden:
-        hidden = model.base_model(
-            input_ids=input_ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True
-        ).last_hidden_state[:, -1]
+    if needs_hidden or taps:
+        out = model.base_model(
+            input_ids=input_ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
+            output_hidden_states=bool(taps),
+        )
+        hidden = out.last_hidden_state[:, -1]
         logits = model.get_output_embeddings()(hidden)
+        if taps:
+            features = torch.cat([out.hidden_states[t] for t in taps], -1)
     else:
         logits = model(
             input_ids=input_ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1
@@ -199,6 +212,8 @@ def tree_generate(
         drafter.advance(b, appended)
     if needs_hidden:
         _give_hidden(drafter, done, hidden, [-1] * B)
+    if taps:
+        _give_features(drafter, done, features, [valid_prompt[b].nonzero().flatten().tolist() for b in range(B)])
     if streamer is not None:
         streamer.put(torch.tensor(first[:1]))
 
@@ -219,10 +234,11 @@ def tree_generate(
         with StepTimer(device) as timer:
             logits = forward(batch.tokens.to(device), mask, positions, cache)
         cache.end_step()
-        if needs_hidden:
-            if not isinstance(logits, tuple):
-                raise TypeError("the drafter needs hidden states: the forward must return (logits, hidden)")
-            logits, hidden = logits
+        if needs_hidden or taps:
+            if not isinstance(logits, tuple) or len(logits) < 2 + bool(taps):
+                raise TypeError("the drafter needs hidden states: the forward must return (logits, hidden[, features])")
+            logits, hidden, *rest = logits
+            features = rest[0] if taps else None
         elif isinstance(logits, tuple):
             logits = logits[0]
         _check_finite(logits)
@@ -256,6 +272,8 @@ def tree_generate(
                 n_real_l[b] += len(path)
         if needs_hidden:
             _give_hidden(drafter, done, hidden, [paths[b][-1] for b in range(B)])
+        if taps:
+            _give_features(drafter, done, features, paths)
         if streamer is not None and step_new and active[0] == 0:
             streamer.put(torch.tensor(step_new[0]))
     if streamer is not None:
@@ -283,6 +301,13 @@ def _give_hidden(drafter: Drafter, done: list[bool], hidden: torch.Tensor, nodes
         else:
             hidden = hidden[idx]
         drafter.set_hidden(rows, hidden)
+
+
+def _give_features(drafter: Drafter, done: list[bool], features: torch.Tensor, nodes: list[list[int]]) -> None:
+    """Hand each unfinished row its tapped features at `nodes[b]` (positions it just verified)."""
+    rows = [b for b in range(len(done)) if not done[b]]
+    if rows:
+        drafter.set_features(rows, [features[b, torch.tensor(nodes[b], device=features.device)] for b in rows])
 
 
 def _check_finite(logits: torch.Tensor) -> None:

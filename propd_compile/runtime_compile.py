@@ -29,10 +29,14 @@ def backend_options_for(model: torch.nn.Module, config: ProPDConfig) -> dict:
     return options
 
 
-def compiled_forward(model: torch.nn.Module, hidden: bool = False, options: dict | None = None) -> Forward:
-    """`decoding.eager_forward(model, hidden)` compiled with the propd backend and `options`;
-    with `hidden` it returns (logits, last hidden state)."""
-    compiled = torch.compile(eager_forward(model, hidden=hidden), backend="propd", dynamic=True, options=options or {})
+def compiled_forward(
+    model: torch.nn.Module, hidden: bool = False, options: dict | None = None, taps: tuple[int, ...] = ()
+) -> Forward:
+    """`decoding.eager_forward(model, hidden, taps)` compiled with the propd backend and `options`;
+    with `hidden` it returns (logits, last hidden state), with `taps` also the tapped features."""
+    compiled = torch.compile(
+        eager_forward(model, hidden=hidden, taps=taps), backend="propd", dynamic=True, options=options or {}
+    )
 
     def forward(input_ids, mask, position_ids, cache):
         # No duck sizing: two sizes that happen to be equal at compile time (batch and tree size,
@@ -56,7 +60,8 @@ def warm_up(model: torch.nn.Module, config: ProPDConfig, batch_sizes: tuple[int,
     state = state_of(model)
     if state is None:
         raise ValueError("warm_up compiles an accelerated model's forwards: call propd_compile.accelerate(model, config) first")
-    forward = state.forward(config, hidden=build_drafter(config, model).needs_hidden)
+    drafter = build_drafter(config, model)
+    forward = state.forward(config, hidden=drafter.needs_hidden, taps=drafter.feature_layers)
     device = next(model.parameters()).device
     prefix = 5
     for b in batch_sizes:

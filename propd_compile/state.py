@@ -33,19 +33,21 @@ class ProPDState:
     # lazily built per-model objects of other modules (loaded heads by path, prune options, ...)
     built: dict[tuple, Any] = field(default_factory=dict, repr=False)
 
-    def forward(self, config: ProPDConfig | None = None, hidden: bool = False) -> Forward:
+    def forward(self, config: ProPDConfig | None = None, hidden: bool = False, taps: tuple[int, ...] = ()) -> Forward:
         """The verification forward for `config`: eager, or compiled once per backend options.
 
-        With `hidden` it returns (logits, last hidden state), for drafters that read it."""
+        With `hidden` it returns (logits, last hidden state), for drafters that read it; with
+        `taps` also the features entering those layers (the feature drafter's)."""
         config = config or self.config
+        taps = tuple(taps)
         if not config.compile:
-            return eager_forward(self.model, hidden=hidden)
+            return eager_forward(self.model, hidden=hidden, taps=taps)
         from propd_compile.runtime_compile import backend_options_for, compiled_forward
 
         options = backend_options_for(self.model, config)
-        key = (repr(sorted(options.items())), hidden)
+        key = (repr(sorted(options.items())), hidden, taps) if taps else (repr(sorted(options.items())), hidden)
         if key not in self.forwards:
-            self.forwards[key] = compiled_forward(self.model, hidden=hidden, options=options)
+            self.forwards[key] = compiled_forward(self.model, hidden=hidden, options=options, taps=taps)
         return self.forwards[key]
 
     def planner(self, config: ProPDConfig | None = None) -> "TreePlanner":
