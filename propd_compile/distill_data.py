@@ -99,12 +99,17 @@ def chat_ids(tokenizer, user: str, answer: str | None = None) -> tuple[list[int]
     return prompt + tokenizer(answer, add_special_tokens=False)["input_ids"], len(prompt)
 
 
-def fixed_text_sequences(tokenizer, max_tokens: int, seq_len: int, bench=None) -> tuple[list[list[int]], list[int], dict]:
-    """Chat sequences of at most `seq_len` tokens over package docstrings, about `max_tokens`
-    answer tokens in all; chunks close to a benchmark turn (`bench.close`) are dropped."""
+def fixed_text_sequences(
+    tokenizer, max_tokens: int, seq_len: int, bench=None, texts: Iterable[str] | None = None
+) -> tuple[list[list[int]], list[int], dict]:
+    """Chat sequences of at most `seq_len` tokens over `texts` (default: package docstrings),
+    about `max_tokens` answer tokens in all; chunks close to a benchmark turn (`bench.close`)
+    are dropped."""
     seqs, starts = [], []
-    stats = {"texts": 0, "dropped_close_to_benchmark": 0, "answer_tokens": 0, "packages": package_versions()}
-    for text in package_texts():
+    stats = {"texts": 0, "dropped_close_to_benchmark": 0, "answer_tokens": 0}
+    if texts is None:
+        texts, stats["packages"] = package_texts(), package_versions()
+    for text in texts:
         stats["texts"] += 1
         prompt, start = chat_ids(tokenizer, FIXED_TEXT_PROMPT)
         body = tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -115,6 +115,7 @@ class FeatureDraftModel(nn.Module):
         self._rope = sys.modules[type(layer).__module__].apply_rotary_pos_emb
         # the target's modules, read at run time (not parameters of the drafter, not saved)
         self._target = [model.get_input_embeddings(), model.base_model.rotary_emb]
+        self.requires_grad_(True)  # the copied target modules may come frozen
 
     # --- pieces -----------------------------------------------------------------------------
     def fuse(self, features: torch.Tensor) -> torch.Tensor:

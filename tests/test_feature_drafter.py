@@ -269,3 +269,31 @@ def test_sampling_through_the_feature_drafter_draws_the_models_distribution(warp
     )
     assert stats.mean_accepted > 1.2  # the drafts were used
     assert _chi_square_p_value(out[:, len(PROMPT):], _exact_joint(model, WARPERS[warp])) > 1e-3
+
+
+@pytest.mark.real_model
+def test_shipped_drafter_is_the_default_for_the_embedded_model_and_lossless():
+    from propd_compile import models
+    from propd_compile.feature_drafter import SHIPPED_DIR, shipped_drafter_for
+    from propd_compile.prompts import chat_prompt, mt_bench_sample
+
+    model, tok = models.load()
+    if shipped_drafter_for(model) is None:
+        pytest.skip(f"no drafter shipped in {SHIPPED_DIR}")
+    load_drafter(shipped_drafter_for(model), model, tok)  # trained with this tokenizer
+    default = build_drafter(ProPDConfig(), model)
+    assert isinstance(default, FusedDrafter) and isinstance(default.drafters[0], FeatureDrafter)
+    assert not any(d.needs_hidden for d in default.drafters)  # the Medusa heads stay out of the default
+    heads = build_drafter(ProPDConfig(drafters=("heads", "ngram")), model)
+    assert heads.needs_hidden and not heads.feature_layers  # still available as the baseline
+    texts = [chat_prompt(tok, q.turns[0]) for q in mt_bench_sample(1)[:3]]
+    for batch in (texts[:1], texts[1:]):
+        enc = tok(batch, return_tensors="pt", padding=True)
+        ref = hf_greedy(model, enc.input_ids, enc.attention_mask, 40)
+        propd_compile.accelerate(model, ProPDConfig())
+        try:
+            out = model.generate(**enc, max_new_tokens=40)
+            assert model.propd.stats.mean_accepted > 1.5
+        finally:
+            propd_compile.restore(model)
+        assert torch.equal(out, ref), tok.batch_decode(torch.cat([out, ref])[:, enc.input_ids.shape[1]:])
