@@ -46,6 +46,7 @@ class DecodeStats:
     latency_errors: list[float] = field(default_factory=list)
 
     pruned_nodes: int = 0  # tree nodes an early-prune point kept out of the deep layers
+    draft_seconds: float = 0.0  # time in the drafters after the prefill (proposing, reading hidden states/features)
 
     @property
     def tokens_per_second(self) -> float:
@@ -220,7 +221,9 @@ def tree_generate(
     while not all(done):
         active = [b for b in range(B) if not done[b]]
         W = cache.write_start
+        t_draft = time.perf_counter()
         trees = [drafter.propose(b, max_tree_nodes) if not done[b] else None for b in range(B)]
+        stats.draft_seconds += time.perf_counter() - t_draft
         if planner is not None:
             if stats.steps == 0:
                 planner.warm_up(model, forward, B, W)
@@ -270,10 +273,12 @@ def tree_generate(
             if not done[b]:
                 cache.compact(b, W, path)
                 n_real_l[b] += len(path)
+        t_draft = time.perf_counter()
         if needs_hidden:
             _give_hidden(drafter, done, hidden, [paths[b][-1] for b in range(B)])
         if taps:
             _give_features(drafter, done, features, paths)
+        stats.draft_seconds += time.perf_counter() - t_draft
         if streamer is not None and step_new and active[0] == 0:
             streamer.put(torch.tensor(step_new[0]))
     if streamer is not None:

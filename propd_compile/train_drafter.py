@@ -45,11 +45,11 @@ class DrafterSettings:
     gen_batch_size: int = 48
     fixed_tokens: int = 400_000  # fixed-text answer tokens (teacher forced, prefill speed)
     seq_len: int = 512
-    draft_vocab: int = 8192
-    ttt_steps: int = 5
+    draft_vocab: int = 4096
+    ttt_steps: int = 4
     step_weight: float = 0.8
     epochs: int = 1
-    batch_seqs: int = 4  # sequences per optimiser step
+    batch_seqs: int = 2  # sequences per optimiser step
     lr: float = 1e-3
     weight_decay: float = 0.0
     grad_clip: float = 0.5
