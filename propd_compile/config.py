@@ -70,7 +70,7 @@ class ProPDConfig:
     heads: str | None = None
     heads_topk: int = 8
     drafter: str | None = None
-    drafter_topk: int = 8
+    drafter_topk: int = 4
     prune: bool = False
     prune_layer: int | None = None
     prune_topk: int = 1500

@@ -221,6 +221,21 @@ def answers_in(work: Path, prompt_rows: Sequence[Sequence[int]]) -> tuple[list[l
     return seqs, starts
 
 
+def check_work_settings(work: Path, name: str, settings: dict, keys: Sequence[str]) -> None:
+    """Refuse a work directory whose cached data were made with other `keys` of the settings;
+    record `settings` there otherwise."""
+    path = work / name
+    if path.exists():
+        old = json.loads(path.read_text())
+        changed = [k for k in keys if old.get(k) != settings.get(k)]
+        if changed:
+            raise ValueError(
+                f"{work} holds data made with other settings ({', '.join(f'{k}={old.get(k)}' for k in changed)}); "
+                "use a new --out directory or delete the work directory"
+            )
+    path.write_text(json.dumps(settings, indent=1))
+
+
 def write_json(path: Path, obj) -> None:
     tmp = path.with_suffix(".part")
     tmp.write_text(json.dumps(obj, indent=1))

@@ -38,7 +38,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from propd_compile.drafters import Drafter
-from propd_compile.heads import _describe, _text_config, identity_mismatch, model_identity
+from propd_compile.heads import _describe, _text_config, identity_mismatch, model_identity, shipped_dir_for
 from propd_compile.tree import TokenTree
 
 log = logging.getLogger(__name__)
@@ -270,16 +270,7 @@ def load_drafter(directory: str | Path, model: nn.Module, tokenizer=None) -> tup
 
 def shipped_drafter_for(model: nn.Module, root: Path = SHIPPED_DIR) -> Path | None:
     """The packaged drafter directory trained for `model`, if any."""
-    if not root.is_dir():
-        return None
-    for cfg_path in sorted(root.glob(f"*/{CONFIG}")):
-        try:
-            cfg = json.loads(cfg_path.read_text())
-            if cfg.get("format") == FORMAT and identity_mismatch(cfg["base_model"], model) is None:
-                return cfg_path.parent
-        except (OSError, ValueError, KeyError, TypeError) as e:
-            log.warning("ignoring unreadable drafter config %s: %s", cfg_path, e)
-    return None
+    return shipped_dir_for(model, root, FORMAT)
 
 
 def resolve_drafter(model: nn.Module, path: str | Path | None) -> FeatureDraftModel | None:

@@ -67,10 +67,11 @@ MT_BENCH_BATCH = 40
 def _heads_settings(settings: DrafterSettings, **kw):
     from propd_compile.train_heads import TrainSettings
 
-    return TrainSettings(
+    fields = dict(
         num_prompts=settings.own_prompts, answer_tokens=settings.answer_tokens,
-        gen_batch_size=settings.gen_batch_size, seed=settings.seed, **kw,
+        gen_batch_size=settings.gen_batch_size, seed=settings.seed,
     )
+    return TrainSettings(**{**fields, **kw})
 
 
 def collect(model, tokenizer, settings: DrafterSettings, work: Path, taps) -> dict:
@@ -318,16 +319,7 @@ def train_drafter(
     out = Path(out)
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
-    meta = work / "drafter_settings.json"
-    if meta.exists():
-        old = json.loads(meta.read_text())
-        changed = [k for k in DATA_KEYS if old.get(k) != getattr(settings, k)]
-        if changed:
-            raise ValueError(
-                f"{work} holds data made with other settings ({', '.join(f'{k}={old.get(k)}' for k in changed)}); "
-                "use a new --out directory or delete the work directory"
-            )
-    meta.write_text(json.dumps(asdict(settings), indent=1))
+    distill_data.check_work_settings(work, "drafter_settings.json", asdict(settings), DATA_KEYS)
     if model_name:
         model.name_or_path = model_name
     torch.manual_seed(settings.seed)
