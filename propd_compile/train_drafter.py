@@ -6,8 +6,8 @@
    One teacher-forced forward per sequence gives the tapped features and the final hidden state
    at every position, cached shard by shard. The base model's greedy answers to the 80 MT-Bench
    turn-1 questions are cached apart: evaluation only, never trained on.
-2. Draft vocabulary: the most frequent target tokens (the base model's argmax) on the training
-   answers; its coverage of the held-out MT-Bench greedy tokens is reported.
+2. Draft vocabulary: the most frequent tokens of the training answers (own answers and fixed
+   text weighing the same); its coverage of the held-out MT-Bench greedy tokens is reported.
 3. Training with EAGLE-3's training-time test: step 0 reads the target's features at every
    position, step j reads the drafter's own step j-1 outputs (attending to the true-feature
    prefix and its own earlier steps at that position, as a drafted path does at decode time) and
@@ -45,7 +45,7 @@ class DrafterSettings:
     gen_batch_size: int = 48
     fixed_tokens: int = 400_000  # fixed-text answer tokens (teacher forced, prefill speed)
     seq_len: int = 512
-    draft_vocab: int = 4096
+    draft_vocab: int = 6144
     ttt_steps: int = 4
     step_weight: float = 0.8
     epochs: int = 1
@@ -110,13 +110,16 @@ def collect(model, tokenizer, settings: DrafterSettings, work: Path, taps) -> di
 
 
 # --- draft vocabulary ------------------------------------------------------------------------------
-def rank_vocab(data: list[dict], size: int, vocab_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(the `size` most frequent answer tokens, sorted by id; counts of every token id)."""
-    counts = torch.zeros(vocab_size, dtype=torch.long)
-    for seq in data:
-        counts += torch.bincount(seq["tokens"][seq["start"] :], minlength=vocab_size)
-    top = counts.argsort(descending=True, stable=True)[: min(size, vocab_size)]
-    return top.sort().values, counts
+def rank_vocab(sources: list[list[dict]], size: int, vocab_size: int) -> torch.Tensor:
+    """The `size` most frequent answer tokens, sorted by id; each source (own answers, fixed text)
+    weighs the same, whatever its token count, so the model's own answers are not outvoted."""
+    freq = torch.zeros(vocab_size, dtype=torch.float64)
+    for data in sources:
+        counts = torch.zeros(vocab_size, dtype=torch.float64)
+        for seq in data:
+            counts += torch.bincount(seq["tokens"][seq["start"] :], minlength=vocab_size).double()
+        freq += counts / counts.sum().clamp(min=1)
+    return freq.argsort(descending=True, stable=True)[: min(size, vocab_size)].sort().values
 
 
 def coverage(vocab: torch.Tensor, data: list[dict], vocab_size: int) -> float:
@@ -330,16 +333,19 @@ def train_drafter(
         if tokenizer is None:
             raise ValueError("train_drafter needs a tokenizer (to collect data) or sequences")
         report["data"] = collect(model, tokenizer, settings, work, taps)
-        train_data = distill_data.load_shards([work / "own" / "features", work / "fixed" / "features"])
+        sources = [distill_data.load_shards([work / "own" / "features"]), distill_data.load_shards([work / "fixed" / "features"])]
         eval_data = distill_data.load_shards([work / "mt_bench" / "features"]) if settings.eval_mt_bench else []
     else:
         n_hold = max(1, len(sequences) // 10) if len(sequences) > 1 else 0
         distill_data.feature_shards(model, [s for s, _ in sequences], [st for _, st in sequences], taps, work / "given")
         data = distill_data.load_shards([work / "given"])
-        train_data, eval_data = data[: len(data) - n_hold], data[len(data) - n_hold :] or data
+        sources = [data[: len(data) - n_hold]]
+        eval_data = data[len(data) - n_hold :] or data
+    train_data = [seq for source in sources for seq in source]
     report["data_seconds"] = round(time.perf_counter() - t0, 1)
+    report["train_answer_tokens"] = [sum(len(s["tokens"]) - s["start"] for s in source) for source in sources]
     V = model.config.get_text_config().vocab_size
-    vocab, _ = rank_vocab(train_data, settings.draft_vocab, V)
+    vocab = rank_vocab(sources, settings.draft_vocab, V)
     report["draft_vocab"] = {"size": int(len(vocab)), "coverage_train": round(coverage(vocab, train_data, V), 4)}
     if eval_data:
         report["draft_vocab"]["coverage_held_out"] = round(coverage(vocab, eval_data, V), 4)
