@@ -187,8 +187,9 @@ def propd_generate(
     accept = _accept_rule(model, gen, config, generator, input_ids.device)
     planner = state.planner(config) if config.tree == "dynamic" else None
     drafter = build_drafter(config, model, rank_stats=planner.acceptance.rank_stats if planner else None)
-    forward = state.forward(config, hidden=drafter.needs_hidden)
-    compiled = state.compiled(config, drafter.needs_hidden)
+    taps = drafter.feature_layers
+    forward = state.forward(config, hidden=drafter.needs_hidden, taps=taps)
+    compiled = state.compiled(config, drafter.needs_hidden, taps)
     prefill = forward if compiled and not config.prune else None
     sequences, stats = tree_generate(
         model,

@@ -72,7 +72,10 @@ METHODS: dict[str, Method] = {
     # tokens, ../shared/research/measurements.md), so the static baseline is not a straw man.
     "medusa": Method("static Medusa tree (16 nodes) from the shipped heads, eager",
                      propd={"tree": "medusa", "max_tree_nodes": 16, "compile": False}),
-    "dynamic": Method("ProPD dynamic tree (heads + n-gram, cost model), eager", propd={"tree": "dynamic", "compile": False}),
+    "dynamic": Method("ProPD dynamic tree (heads + n-gram, cost model), eager",
+                      propd={"tree": "dynamic", "drafters": ("heads", "ngram"), "compile": False}),
+    "eagle": Method("ProPD dynamic tree (feature drafter + n-gram, cost model), eager",
+                    propd={"tree": "dynamic", "drafters": ("feature", "ngram"), "compile": False}),
     # The prune point is a pass of the torch.compile backend (its own compiled kernels).
     "prune": Method("static Medusa tree (16 nodes) with early pruning (torch.compile backend)",
                     propd={"tree": "medusa", "max_tree_nodes": 16, "prune": True, "compile": True}),
@@ -111,6 +114,8 @@ class Call:
     rows: list[dict] = field(default_factory=list)
     pruned_fraction: float | None = None
     latency_errors: list[float] = field(default_factory=list)  # dynamic trees: the latency model's, per step
+    draft_seconds: float | None = None  # time in the drafters (ProPD methods)
+    steps: int = 0  # verification steps (ProPD methods)
 
     @property
     def new_tokens(self) -> int:
@@ -238,8 +243,16 @@ def _call(name: str, bs: int, rep: int, batch: int, seconds: float, group: list[
             for p, toks, extra in zip(group, new, per_row)]
     return Call(
         name, bs, rep, batch, seconds, rows, getattr(stats, "pruned_fraction", None),
-        list(getattr(stats, "latency_errors", None) or []),
+        list(getattr(stats, "latency_errors", None) or []), getattr(stats, "draft_seconds", None),
+        getattr(stats, "steps", 0),
     )
+
+
+def _draft_cost(calls: list[Call]) -> dict:
+    """Mean drafting milliseconds per verification step and the drafters' share of the time."""
+    steps, seconds = sum(c.steps for c in calls), sum(c.seconds for c in calls)
+    draft = sum(c.draft_seconds for c in calls)
+    return {"draft_ms_per_step": 1000 * draft / steps if steps else None, "draft_share": draft / seconds if seconds else None}
 
 
 def run(
@@ -423,6 +436,7 @@ def _aggregate(rows: list[dict], timed: list[Call], ratios: list[float]) -> dict
         # mean relative error of the dynamic tree's step-time predictions, made before each step ran
         "latency_mape": sum(errors) / len(errors) if errors else None,
         "planned_steps": len(errors),
+        **_draft_cost([c for c in timed if c.draft_seconds is not None]),
     }
 
 

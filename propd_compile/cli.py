@@ -19,7 +19,7 @@ COMPILE = {"auto": "auto", "on": True, "off": False}
 
 def _config(args) -> ProPDConfig:
     return ProPDConfig(
-        max_tree_nodes=args.tree_nodes, tree=args.tree, compile=COMPILE[args.compile], heads=args.heads,
+        max_tree_nodes=args.tree_nodes, tree=args.tree, compile=COMPILE[args.compile], heads=args.heads, drafter=args.drafter,
         drafters=tuple(args.drafters) if args.drafters else None,
     )
 
@@ -28,8 +28,10 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="embedded model name or a Hugging Face path")
     p.add_argument("--tree", default="dynamic", choices=list(TREES))
     p.add_argument("--heads", default=None, help="draft heads directory (default: heads shipped for the model)")
-    p.add_argument("--drafters", nargs="+", default=None, choices=["ngram", "heads"],
-                   help="drafters to fuse (default: heads + ngram when heads are available, else ngram)")
+    p.add_argument("--drafters", nargs="+", default=None, choices=["ngram", "heads", "feature"],
+                   help="drafters to fuse (default: feature + ngram with a feature drafter, else heads + ngram "
+                        "when heads are available, else ngram)")
+    p.add_argument("--drafter", default=None, help="feature drafter directory (default: the one shipped for the model)")
     p.add_argument("--tree-nodes", type=int, default=ProPDConfig.max_tree_nodes, help="node budget per step")
     p.add_argument("--compile", choices=list(COMPILE), default="auto",
                    help="compiled kernels: auto (when `propd warmup` built them), on (build if missing), off")
@@ -213,6 +215,23 @@ def cmd_train_heads(args) -> int:
     return 0
 
 
+def cmd_train_drafter(args) -> int:
+    import json
+
+    from propd_compile import models
+    from propd_compile.train_drafter import DrafterSettings, train_drafter
+
+    model, tok = models.load(args.model)
+    settings = DrafterSettings(
+        own_prompts=args.own_prompts, answer_tokens=args.answer_tokens, fixed_tokens=args.fixed_tokens,
+        draft_vocab=args.draft_vocab, ttt_steps=args.ttt_steps, epochs=args.epochs, lr=args.lr, seed=args.seed,
+        max_train_tokens=args.max_train_tokens, eval_mt_bench=not args.no_mt_bench,
+    )
+    report = train_drafter(model, args.out, tokenizer=tok, settings=settings, model_name=args.model)
+    print(json.dumps({k: report.get(k) for k in ("draft_vocab", "held_out", "data")}, indent=1))
+    return 0
+
+
 def cmd_calibrate(args) -> int:
     """Measure verification steps on this machine, report the held-out error, save the fit."""
     import propd_compile
@@ -288,6 +307,24 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--seed", type=int, default=d.seed)
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     t.set_defaults(func=cmd_train_heads)
+    from propd_compile.train_drafter import DrafterSettings
+
+    dd = DrafterSettings()
+    td = sub.add_parser("train-drafter", help="train the feature (EAGLE-style) drafter by self-distillation (offline, resumable)")
+    td.add_argument("--model", default=DEFAULT_MODEL, help="embedded model name or a Hugging Face path")
+    td.add_argument("--out", required=True, help="output directory (rerun with the same --out to resume)")
+    td.add_argument("--own-prompts", type=int, default=dd.own_prompts, help="self-written prompts answered greedily")
+    td.add_argument("--answer-tokens", type=int, default=dd.answer_tokens, help="longest greedy answer")
+    td.add_argument("--fixed-tokens", type=int, default=dd.fixed_tokens, help="fixed-text (package docstring) tokens")
+    td.add_argument("--draft-vocab", type=int, default=dd.draft_vocab, help="draft vocabulary size (most frequent tokens)")
+    td.add_argument("--ttt-steps", type=int, default=dd.ttt_steps, help="training-time-test steps (draft depths trained)")
+    td.add_argument("--epochs", type=int, default=dd.epochs)
+    td.add_argument("--lr", type=float, default=dd.lr)
+    td.add_argument("--max-train-tokens", type=int, default=None, help="cap on training positions per epoch")
+    td.add_argument("--no-mt-bench", action="store_true", help="skip the acceptance report on MT-Bench answers")
+    td.add_argument("--seed", type=int, default=dd.seed)
+    td.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    td.set_defaults(func=cmd_train_drafter)
     c = sub.add_parser("calibrate", help="measure this machine's verification step latency for the dynamic tree")
     c.add_argument("--model", default=DEFAULT_MODEL)
     c.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8])

@@ -22,11 +22,16 @@ class ProPDConfig:
     max_tree_nodes:  node budget per row and step, root included (1 = plain greedy decoding); the
                      largest candidate of the dynamic tree.
     max_depth:       longest draft path below the root.
-    drafters:        names of the drafters whose trees are merged ("ngram", "heads"); None (default):
-                     ("heads", "ngram") when draft heads are available for the model, else ("ngram",).
+    drafters:        names of the drafters whose trees are merged ("ngram", "heads", "feature"); None
+                     (default): ("feature", "ngram") when a feature drafter is available for the
+                     model, else ("heads", "ngram") when draft heads are, else ("ngram",).
     heads:           directory of draft heads (`propd train-heads`); None: heads shipped for the
                      model, if any (see propd_compile/data/heads).
     heads_topk:      candidates per head (depth) in the dynamic heads tree.
+    drafter:         directory of a feature drafter (`propd train-drafter`); None: the one shipped
+                     for the model, if any (see propd_compile/data/drafter). With drafters=None an
+                     available feature drafter is the default, fused with n-gram drafts.
+    drafter_topk:    the feature drafter's children per expanded node and nodes expanded per depth.
     ngram_max:       longest suffix n-gram the n-gram drafter matches.
     compile:         compiled verification kernels (`propd_compile.runtime_compile`: the forward
                      exported once, propd's FX passes, AOTInductor with frozen weights and autotuned
@@ -70,6 +75,8 @@ class ProPDConfig:
     posterior_alpha: float = 0.3
     heads: str | None = None
     heads_topk: int = 8
+    drafter: str | None = None
+    drafter_topk: int = 4
     prune: bool = False
     prune_layer: int | None = None
     prune_topk: int = 1500
@@ -88,8 +95,8 @@ class ProPDConfig:
             raise ValueError(f"ProPDConfig.acceptance={self.acceptance!r} is not supported; use 'exact' or 'typical'")
         if not (0 <= self.posterior_threshold <= 1 and self.posterior_alpha >= 0):
             raise ValueError("ProPDConfig needs 0 <= posterior_threshold <= 1 and posterior_alpha >= 0")
-        if self.heads_topk < 1:
-            raise ValueError("ProPDConfig.heads_topk must be >= 1")
+        if self.heads_topk < 1 or self.drafter_topk < 1:
+            raise ValueError("ProPDConfig.heads_topk and drafter_topk must be >= 1")
         if self.compile not in (True, False, "auto"):
             raise ValueError(f"ProPDConfig.compile={self.compile!r} is not supported; use True, False or 'auto'")
         if self.prune and self.compile is not True:
@@ -98,7 +105,7 @@ class ProPDConfig:
             raise ValueError("ProPDConfig needs prune_topk >= 1 and prune_layer >= 0 (or None)")
         if self.drafters is not None and not self.drafters:
             raise ValueError("ProPDConfig.drafters is empty; name at least one drafter, or None for the default")
-        known = {"ngram", "heads"}
+        known = {"ngram", "heads", "feature"}
         unknown = [d for d in (self.drafters or ()) if d not in known]
         if unknown:
             raise ValueError(f"unknown drafters {unknown}; available: {sorted(known)}")

@@ -49,6 +49,7 @@ class DecodeStats:
 
     pruned_nodes: int = 0  # tree nodes an early-prune point kept out of the deep layers
     compiled: bool = False  # the verification ran compiled kernels
+    draft_seconds: float = 0.0  # time in the drafters after the prefill (proposing, reading hidden states/features)
 
     @property
     def tokens_per_second(self) -> float:
@@ -69,10 +70,11 @@ class DecodeStats:
         return out
 
 
-def eager_forward(model: torch.nn.Module, hidden: bool = False) -> Forward:
-    """The model's own forward; with `hidden`, returns (logits, last hidden state) instead."""
-    if hidden:
-        return hidden_forward(model)
+def eager_forward(model: torch.nn.Module, hidden: bool = False, taps: tuple[int, ...] = ()) -> Forward:
+    """The model's own forward; with `hidden`, returns (logits, last hidden state) instead, and
+    with `taps` (logits, last hidden state, tapped features)."""
+    if hidden or taps:
+        return hidden_forward(model, taps)
 
     def forward(input_ids, mask, position_ids, cache, last_only: bool = False):
         return model(
@@ -83,16 +85,24 @@ def eager_forward(model: torch.nn.Module, hidden: bool = False) -> Forward:
     return forward
 
 
-def hidden_forward(model: torch.nn.Module) -> Forward:
+def hidden_forward(model: torch.nn.Module, taps: tuple[int, ...] = ()) -> Forward:
     """(logits, hidden): the base model's final-norm hidden states and its LM head on them, which
     is what the causal-LM forward computes, so the hidden states cost nothing extra (drafters
-    with `needs_hidden` use them; `heads.check_hidden_logits` refuses models that differ)."""
+    with `needs_hidden` use them; `heads.check_hidden_logits` refuses models that differ).
+    With `taps`, also the hidden states entering those layers (HF `hidden_states` indices),
+    concatenated: (logits, hidden, features [B, T, len(taps) * H]), for the feature drafter."""
     base, lm_head = model.base_model, model.get_output_embeddings()
 
     def forward(input_ids, mask, position_ids, cache, last_only: bool = False):
-        h = base(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True)
-        h = h.last_hidden_state
-        return lm_head(h[:, -1:] if last_only else h), h
+        out = base(
+            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True,
+            output_hidden_states=bool(taps),
+        )
+        h = out.last_hidden_state
+        logits = lm_head(h[:, -1:] if last_only else h)
+        if taps:
+            return logits, h, torch.cat([out.hidden_states[t] for t in taps], -1)
+        return logits, h
 
     return forward
 
@@ -149,7 +159,8 @@ def tree_generate(
     """
     t0 = time.perf_counter()
     needs_hidden = getattr(drafter, "needs_hidden", False)
-    forward = forward or eager_forward(model, hidden=needs_hidden)
+    taps = tuple(getattr(drafter, "feature_layers", ()) or ())
+    forward = forward or eager_forward(model, hidden=needs_hidden, taps=taps)
     device = input_ids.device
     B, P = input_ids.shape
     eos = set(int(e) for e in eos_token_ids)
@@ -162,8 +173,8 @@ def tree_generate(
     pos = (valid_prompt.long().cumsum(1) - 1).clamp(min=0)
     mask = _prefill_mask(valid_prompt)
     cache.begin_step(mask)
-    out = (prefill or eager_forward(model, hidden=needs_hidden))(input_ids, mask, pos, cache, last_only=True)
-    logits, hidden = out if needs_hidden else (out, None)
+    out = (prefill or eager_forward(model, hidden=needs_hidden, taps=taps))(input_ids, mask, pos, cache, last_only=True)
+    logits, hidden, features = _outputs(out, needs_hidden, taps)
     logits = logits[:, -1]
     cache.end_step()
     _check_finite(logits)
@@ -201,13 +212,17 @@ def tree_generate(
         drafter.advance(b, appended)
     if needs_hidden:
         _give_hidden(drafter, done, hidden[:, -1], [-1] * B)
+    if taps:
+        _give_features(drafter, done, features, [valid_prompt[b].nonzero().flatten().tolist() for b in range(B)])
     if streamer is not None:
         streamer.put(torch.tensor(first[:1]))
 
     while not all(done):
         active = [b for b in range(B) if not done[b]]
         W = cache.write_start
+        t_draft = time.perf_counter()
         trees = [drafter.propose(b, max_tree_nodes) if not done[b] else None for b in range(B)]
+        stats.draft_seconds += time.perf_counter() - t_draft
         if planner is not None:
             if stats.steps == 0:
                 planner.warm_up(model, forward, B, W)
@@ -219,21 +234,15 @@ def tree_generate(
         positions = (torch.tensor(n_real_l)[:, None] + batch.depths).to(device)
         cache.begin_step(mask)
         with StepTimer(device) as timer:
-            logits = forward(batch.tokens.to(device), mask, positions, cache)
+            out = forward(batch.tokens.to(device), mask, positions, cache)
         cache.end_step()
-        if needs_hidden:
-            if not isinstance(logits, tuple):
-                raise TypeError("the drafter needs hidden states: the forward must return (logits, hidden)")
-            logits, hidden = logits
-        elif isinstance(logits, tuple):
-            logits = logits[0]
+        logits, hidden, features = _outputs(out, needs_hidden, taps)
         _check_finite(logits)
-        # --- early pruning (#5): nodes a prune point dropped (cache.keep False) are never accepted.
+        # Early pruning: nodes a prune point dropped (cache.keep False) are never accepted.
         kept = cache.keep[:, :T].cpu()
         batch = dataclasses.replace(batch, valid=batch.valid & kept)
         deep_rows = int(kept.sum(1).max())  # rows per batch row that ran the deep layers
         stats.pruned_nodes += sum(max(len(trees[b]) - deep_rows, 0) for b in active)
-        # --- end early pruning
         paths, bonus = accept(batch, logits)
         if planner is not None:
             n_errors = len(planner.latency_errors)
@@ -256,8 +265,12 @@ def tree_generate(
             if not done[b]:
                 cache.compact(b, W, path)
                 n_real_l[b] += len(path)
+        t_draft = time.perf_counter()
         if needs_hidden:
             _give_hidden(drafter, done, hidden, [paths[b][-1] for b in range(B)])
+        if taps:
+            _give_features(drafter, done, features, paths)
+        stats.draft_seconds += time.perf_counter() - t_draft
         if streamer is not None and step_new and active[0] == 0:
             streamer.put(torch.tensor(step_new[0]))
     if streamer is not None:
@@ -275,6 +288,15 @@ def tree_generate(
     return out, stats
 
 
+def _outputs(out, hidden: bool, taps: tuple[int, ...]):
+    """(logits, hidden or None, features or None) from what a forward returned."""
+    if not (hidden or taps):
+        return (out[0] if isinstance(out, tuple) else out), None, None
+    if not isinstance(out, tuple) or len(out) < 2 + bool(taps):
+        raise TypeError("the drafter needs hidden states: the forward must return (logits, hidden[, features])")
+    return out[0], out[1], (out[2] if taps else None)
+
+
 def _give_hidden(drafter: Drafter, done: list[bool], hidden: torch.Tensor, nodes: list[int]) -> None:
     """Hand each unfinished row's hidden state at `nodes[b]` (its last accepted node) to the drafter."""
     rows = [b for b in range(len(done)) if not done[b]]
@@ -285,6 +307,13 @@ def _give_hidden(drafter: Drafter, done: list[bool], hidden: torch.Tensor, nodes
         else:
             hidden = hidden[idx]
         drafter.set_hidden(rows, hidden)
+
+
+def _give_features(drafter: Drafter, done: list[bool], features: torch.Tensor, nodes: list[list[int]]) -> None:
+    """Hand each unfinished row its tapped features at `nodes[b]` (positions it just verified)."""
+    rows = [b for b in range(len(done)) if not done[b]]
+    if rows:
+        drafter.set_features(rows, [features[b, torch.tensor(nodes[b], device=features.device)] for b in rows])
 
 
 def _check_finite(logits: torch.Tensor) -> None:

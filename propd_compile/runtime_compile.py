@@ -58,24 +58,29 @@ class Verification(torch.nn.Module):
     """The forward a package holds, over flat tensors (what export traces and AOTInductor calls):
 
     (input_ids [B, T], mask [B, 1, T, S] bool, position_ids [B, T], logit_rows [R], keys, values,
-    keep) -> (logits [B, R, V],) or, with `hidden`, (logits, last hidden state [B, T, H]).
+    keep) -> (logits [B, R, V],) or, with `hidden`, (logits, last hidden state [B, T, H]) and with
+    `taps` also the features entering those layers ([B, T, len(taps) * H], the feature drafter's).
 
     keys/values are the runtime cache's per-layer buffers, written in place at slots [S - T, S);
     logit_rows picks the positions whose logits are needed (all nodes, or the prefill's last).
     With `hidden` the logits are the LM head on the base model's final hidden states (what the
     causal LM computes; `heads.check_hidden_logits` tells which models qualify)."""
 
-    def __init__(self, model: torch.nn.Module, hidden: bool) -> None:
+    def __init__(self, model: torch.nn.Module, hidden: bool, taps: tuple[int, ...] = ()) -> None:
         super().__init__()
-        self.model, self.hidden = model, hidden
+        self.model, self.hidden, self.taps = model, hidden, tuple(taps)
 
     def forward(self, input_ids, mask, position_ids, logit_rows, keys, values, keep):
         cache = TreeKVCache.over(keys, values, keep, mask)
         args = dict(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True)
         if not self.hidden:
             return (self.model(**args, logits_to_keep=logit_rows).logits,)
-        h = self.model.base_model(**args).last_hidden_state
-        return self.model.get_output_embeddings()(h[:, logit_rows]), h
+        out = self.model.base_model(**args, output_hidden_states=bool(self.taps))
+        h = out.last_hidden_state
+        logits = self.model.get_output_embeddings()(h[:, logit_rows])
+        if self.taps:
+            return logits, h, torch.cat([out.hidden_states[t] for t in self.taps], -1)
+        return logits, h
 
 
 def _example(model: torch.nn.Module, batch: int = 2, tree: int = 8, kv: int = 64):
@@ -132,6 +137,7 @@ class PackageKey:
     model: str
     weights: str
     hidden: bool
+    taps: tuple[int, ...]
     threads: int
     cpu: str
     torch: str
@@ -141,12 +147,14 @@ class PackageKey:
     inductor: str  # the Inductor options, as sorted JSON
 
     @classmethod
-    def of(cls, model: torch.nn.Module, hidden: bool, weights: str, inductor: dict | None = None) -> "PackageKey":
+    def of(
+        cls, model: torch.nn.Module, hidden: bool, weights: str, inductor: dict | None = None, taps: tuple[int, ...] = ()
+    ) -> "PackageKey":
         from propd_compile.heads import model_name
 
         param = next(model.parameters())
         return cls(
-            model=model_name(model), weights=weights, hidden=hidden, threads=torch.get_num_threads(),
+            model=model_name(model), weights=weights, hidden=hidden, taps=tuple(taps), threads=torch.get_num_threads(),
             cpu=torch.backends.cpu.get_cpu_capability(), torch=torch.__version__, code=_code_digest(),
             dtype=str(param.dtype).replace("torch.", ""), device=param.device.type,
             inductor=json.dumps(inductor or INDUCTOR_OPTIONS, sort_keys=True),
@@ -156,7 +164,7 @@ class PackageKey:
         from propd_compile.models import cache_dir
 
         digest = hashlib.blake2b(json.dumps(asdict(self) | {"format": FORMAT}, sort_keys=True).encode(), digest_size=10)
-        kind = "hidden" if self.hidden else "logits"
+        kind = ("hidden" if self.hidden else "logits") + "".join(f"-t{t}" for t in self.taps)
         name = f"{self.model}-{kind}-{self.device}{self.threads}t-{digest.hexdigest()}".replace("/", "_").replace(" ", "_")
         return (root or cache_dir() / "compiled") / f"{name}.pt2"
 
@@ -181,7 +189,7 @@ def build(model: torch.nn.Module, key: PackageKey, progress: bool = True) -> Pat
     bar = tqdm(phases, desc=f"compiling {key.model}", unit="phase", disable=not progress)
     timings: dict[str, float] = {}
     example = _example(model)
-    module = Verification(model, key.hidden).eval()
+    module = Verification(model, key.hidden, key.taps).eval()
     t0 = time.perf_counter()
     for phase in bar:
         bar.set_postfix_str(phase)
@@ -202,7 +210,7 @@ def build(model: torch.nn.Module, key: PackageKey, progress: bool = True) -> Pat
                     ep, package_path=str(tmp), inductor_configs=json.loads(key.inductor)
                 )
         else:
-            check_package(model, key.hidden, load_runner(tmp))
+            check_package(model, key.hidden, load_runner(tmp), key.taps)
             tmp.replace(path)
         timings[phase] = time.perf_counter() - t
     manifest = {
@@ -223,8 +231,10 @@ def load_runner(path: Path) -> Callable[[list[torch.Tensor]], list[torch.Tensor]
     return loader.boxed_run
 
 
-def package_forward(model: torch.nn.Module, run: Callable, hidden: bool) -> Forward:
-    """The decode loop's Forward over a package's runner. With `hidden` it returns (logits, hidden)."""
+def package_forward(model: torch.nn.Module, run: Callable, hidden: bool, taps: tuple[int, ...] = ()) -> Forward:
+    """The decode loop's Forward over a package's runner: logits, or with `hidden` (logits,
+    hidden), with `taps` (logits, hidden, features). The package of a feature drafter's taps
+    serves every kind; a hidden package serves logits and (logits, hidden)."""
     every_row: dict[int, torch.Tensor] = {}  # arange(T) per tree size, made once
     device = next(model.parameters()).device
 
@@ -239,18 +249,22 @@ def package_forward(model: torch.nn.Module, run: Callable, hidden: bool) -> Forw
             if rows is None:
                 rows = every_row[T] = torch.arange(T, device=device)
         out = run([input_ids, mask, position_ids, rows, *cache.keys, *cache.values, cache.keep])
+        if taps:
+            return out[0], out[1], out[2]
         return (out[0], out[1]) if hidden else out[0]
 
     return forward
 
 
 @torch.no_grad()
-def check_package(model: torch.nn.Module, hidden: bool, run: Callable, tolerance: float = 5e-3) -> None:
+def check_package(
+    model: torch.nn.Module, hidden: bool, run: Callable, taps: tuple[int, ...] = (), tolerance: float = 5e-3
+) -> None:
     """Raise unless the package computes the eager forward on tree steps, one-token steps and
     batch 1: every output (logits, hidden states, the KV written) within `tolerance` of its
     largest magnitude (fp32 rounding in another summation order), and the same argmax."""
-    eager = eager_forward(model, hidden=hidden)
-    forward = package_forward(model, run, hidden)
+    eager = eager_forward(model, hidden=hidden, taps=taps)
+    forward = package_forward(model, run, hidden, taps)
 
     def close(got: torch.Tensor, ref: torch.Tensor) -> bool:
         return got.shape == ref.shape and bool((got - ref).abs().max() <= tolerance * ref.abs().max() + 1e-6)
@@ -265,7 +279,7 @@ def check_package(model: torch.nn.Module, hidden: bool, run: Callable, tolerance
         for c in caches:
             c.begin_step(mask)
         got, ref = forward(ids, mask, pos, caches[0]), eager(ids, mask, pos, caches[1])
-        got, ref = (got if hidden else (got,)), (ref if hidden else (ref,))
+        got, ref = (got if hidden or taps else (got,)), (ref if hidden or taps else (ref,))
         written = zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values)
         if not all(close(x, y) for x, y in (*zip(got, ref), *written)):
             raise RuntimeError(f"the compiled package disagrees with the eager forward at batch {b}, {t} tokens; not using it")
@@ -290,14 +304,27 @@ def wants_hidden_package(model: torch.nn.Module) -> bool:
     return built_for(model, ("hidden logits",), check)
 
 
-def package_key(model: torch.nn.Module, config: ProPDConfig) -> PackageKey:
-    """The package for the model's current weights (their digest is kept per weights version)
-    and the Inductor options of `config.backend_options["inductor_config"]` (default: INDUCTOR_OPTIONS)."""
+def package_key(model: torch.nn.Module, config: ProPDConfig, taps: tuple[int, ...] = ()) -> PackageKey:
+    """The package for the model's current weights (their digest is kept per weights version),
+    the Inductor options of `config.backend_options["inductor_config"]` (default: INDUCTOR_OPTIONS)
+    and `taps`, else the taps of the model's feature drafter for `config` if it has one: one
+    package then serves every drafter and plain steps."""
     from propd_compile.state import built_for
 
     weights = built_for(model, ("weights digest", weights_version(model)), lambda: weights_digest(model))
     inductor = config.backend_options.get("inductor_config") or INDUCTOR_OPTIONS
-    return PackageKey.of(model, wants_hidden_package(model), weights, dict(inductor))
+    hidden = wants_hidden_package(model)
+    return PackageKey.of(model, hidden, weights, dict(inductor), tuple(taps) or (_drafter_taps(model, config) if hidden else ()))
+
+
+def _drafter_taps(model: torch.nn.Module, config: ProPDConfig) -> tuple[int, ...]:
+    from propd_compile.feature_drafter import resolve_drafter
+
+    try:
+        draft = resolve_drafter(model, config.drafter)
+    except (ValueError, FileNotFoundError, NotImplementedError):
+        return ()
+    return tuple(draft.taps) if draft is not None else ()
 
 
 def weights_version(model: torch.nn.Module) -> tuple:
@@ -305,13 +332,15 @@ def weights_version(model: torch.nn.Module) -> tuple:
     return tuple((t.data_ptr(), t._version) for t in model.state_dict(keep_vars=True).values())
 
 
-def compiled_forward(model: torch.nn.Module, config: ProPDConfig, hidden: bool = False) -> Forward | None:
+def compiled_forward(
+    model: torch.nn.Module, config: ProPDConfig, hidden: bool = False, taps: tuple[int, ...] = ()
+) -> Forward | None:
     """The compiled verification forward for `config` (`config.compile` True or "auto"), or None
     when "auto" finds no package built for this model, machine and thread count."""
     if config.prune:
-        return dynamo_forward(model, hidden, backend_options_for(model, config))
-    key = package_key(model, config)
-    if hidden and not key.hidden:
+        return dynamo_forward(model, hidden, backend_options_for(model, config), taps)
+    key = package_key(model, config, taps)
+    if (hidden or taps) and not key.hidden:
         raise NotImplementedError("this model's logits are not its LM head on the final hidden states; use drafters=('ngram',)")
     path = key.path()
     if not path.exists():
@@ -319,7 +348,7 @@ def compiled_forward(model: torch.nn.Module, config: ProPDConfig, hidden: bool =
             return None
         log.warning("propd: compiling the verification kernels for %s (a few minutes, once per machine)", key.model)
         build(model, key)
-    return package_forward(model, load_runner(path), hidden)
+    return package_forward(model, load_runner(path), hidden, taps)
 
 
 def warm(model: torch.nn.Module, config: ProPDConfig) -> bool:
@@ -339,8 +368,10 @@ def backend_options_for(model: torch.nn.Module, config: ProPDConfig) -> dict:
     return options
 
 
-def dynamo_forward(model: torch.nn.Module, hidden: bool = False, options: dict | None = None) -> Forward:
-    """`decoding.eager_forward(model, hidden)` through `torch.compile(backend="propd", dynamic=True)`
+def dynamo_forward(
+    model: torch.nn.Module, hidden: bool = False, options: dict | None = None, taps: tuple[int, ...] = ()
+) -> Forward:
+    """`decoding.eager_forward(model, hidden, taps)` through `torch.compile(backend="propd", dynamic=True)`
     with the packages' Inductor settings (frozen weights: freezing is decided when Dynamo traces,
     so each call runs with it on; grad is off in decoding).
 
@@ -349,7 +380,7 @@ def dynamo_forward(model: torch.nn.Module, hidden: bool = False, options: dict |
     options = dict(options or {})
     inductor = dict(options.get("inductor_config") or INDUCTOR_OPTIONS)
     options["inductor_config"] = inductor
-    compiled = torch.compile(eager_forward(model, hidden=hidden), backend="propd", dynamic=True, options=options)
+    compiled = torch.compile(eager_forward(model, hidden=hidden, taps=taps), backend="propd", dynamic=True, options=options)
 
     def forward(input_ids, mask, position_ids, cache, last_only: bool = False):
         if last_only:
@@ -373,7 +404,8 @@ def warm_up(model: torch.nn.Module, config: ProPDConfig, batch_sizes: tuple[int,
     state = state_of(model)
     if state is None:
         raise ValueError("warm_up compiles an accelerated model's forwards: call propd_compile.accelerate(model, config) first")
-    forward = state.forward(config, hidden=build_drafter(config, model).needs_hidden)
+    drafter = build_drafter(config, model)
+    forward = state.forward(config, hidden=drafter.needs_hidden, taps=drafter.feature_layers)
     if not config.prune:
         return
     device = next(model.parameters()).device
