@@ -31,6 +31,7 @@ from propd_compile.config import ProPDConfig
 from propd_compile.decoding import AcceptRule, greedy_rule, tree_generate
 from propd_compile.drafters import build_drafter
 from propd_compile.sampling import sampling_rule
+from propd_compile import ragged
 from propd_compile.state import attach, detach, state_of
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
@@ -89,7 +90,7 @@ def _check_model(model: torch.nn.Module) -> None:
             f"{name} has no language-model head; load it with AutoModelForCausalLM.from_pretrained(...) instead"
         )
     impl = getattr(config, "_attn_implementation", None)
-    if impl not in SUPPORTED_ATTENTION:
+    if impl not in SUPPORTED_ATTENTION and impl not in [f"propd_{a}" for a in SUPPORTED_ATTENTION]:
         raise ValueError(
             f"{name} uses attn_implementation={impl!r}, which cannot take a 4D tree mask; "
             'call model.set_attn_implementation("sdpa") (or load with attn_implementation="sdpa")'
@@ -206,6 +207,7 @@ def propd_generate(
         streamer=model_kwargs.get("streamer"),
         accept=accept,
         planner=planner,
+        ragged=not config.prune,
     )
     stats.compiled = compiled
     state.stats = stats
@@ -266,7 +268,11 @@ def accelerate(model: Any = None, config: ProPDConfig | None = None):
         return wrapper
     _check_model(model)
     state = state_of(model)
-    attach(model, config or (state.config if state else ProPDConfig()))
+    state = attach(model, config or (state.config if state else ProPDConfig()))
+    if state.attention is None:  # HF's own attention, able to take ragged steps (propd_compile.ragged)
+        state.attention = model.config._attn_implementation
+        ragged.register()
+        model.set_attn_implementation(f"propd_{state.attention}")
     if "generate" not in vars(model):
         model.generate = types.MethodType(propd_generate, model)
     return model
@@ -277,6 +283,9 @@ def restore(model: torch.nn.Module) -> torch.nn.Module:
     model (compiled graphs, planners, heads) is dropped."""
     if "generate" in vars(model):
         delattr(model, "generate")
+    state = state_of(model)
+    if state is not None and state.attention is not None:
+        model.set_attn_implementation(state.attention)
     detach(model)
     return model
 

@@ -116,6 +116,7 @@ class Call:
     latency_errors: list[float] = field(default_factory=list)  # dynamic trees: the latency model's, per step
     draft_seconds: float | None = None  # time in the drafters (ProPD methods)
     steps: int = 0  # verification steps (ProPD methods)
+    outcomes: list[tuple[float, int]] = field(default_factory=list)  # dynamic trees: (expected, accepted) per step
 
     @property
     def new_tokens(self) -> int:
@@ -244,7 +245,7 @@ def _call(name: str, bs: int, rep: int, batch: int, seconds: float, group: list[
     return Call(
         name, bs, rep, batch, seconds, rows, getattr(stats, "pruned_fraction", None),
         list(getattr(stats, "latency_errors", None) or []), getattr(stats, "draft_seconds", None),
-        getattr(stats, "steps", 0),
+        getattr(stats, "steps", 0), list(getattr(stats, "outcomes", None) or []),
     )
 
 
@@ -419,6 +420,7 @@ def _aggregate(rows: list[dict], timed: list[Call], ratios: list[float]) -> dict
     pruned = [(c.pruned_fraction, sum(int(s) * n for r in c.rows for s, n in r.get("tree_sizes", {}).items()))
               for c in timed if c.pruned_fraction is not None]
     errors = [e for c in timed for e in c.latency_errors]
+    outcomes = [o for c in timed for o in c.outcomes]
     return {
         "new_tokens": sum(r["new_tokens"] for r in rows),
         "seconds": seconds,  # per repeat
@@ -437,7 +439,28 @@ def _aggregate(rows: list[dict], timed: list[Call], ratios: list[float]) -> dict
         "latency_mape": sum(errors) / len(errors) if errors else None,
         "planned_steps": len(errors),
         **_draft_cost([c for c in timed if c.draft_seconds is not None]),
+        "reliability": reliability(outcomes, rows=len(timed[0].rows) if timed else 1),
     }
+
+
+RELIABILITY_BINS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, float("inf"))
+
+
+def reliability(outcomes: list[tuple[float, int]], rows: int = 1, min_steps: int = 20) -> list[dict] | None:
+    """Predicted vs realized accepted tokens per row and step, binned by the prediction: is the
+    acceptance model calibrated? Bins with fewer than `min_steps` steps are reported as such."""
+    if not outcomes:
+        return None
+    out, lo = [], 0.0
+    for hi in RELIABILITY_BINS:
+        inside = [(e / rows, a / rows) for e, a in outcomes if lo <= e / rows < hi]
+        if inside:
+            pred, real = sum(e for e, _ in inside) / len(inside), sum(a for _, a in inside) / len(inside)
+            out.append({"bin": [lo, hi if hi != float("inf") else None], "steps": len(inside), "predicted": pred,
+                        "realized": real, "error": (pred - real) / real if real else None,
+                        "enough": len(inside) >= min_steps})
+        lo = hi
+    return out
 
 
 def summarize(calls: list[Call], methods: dict[str, Method], status: dict[str, str], batch_sizes) -> list[dict]:

@@ -20,6 +20,7 @@ import torch
 from propd_compile.cache import TreeKVCache
 from propd_compile.drafters import Drafter
 from propd_compile.planner import StepTimer, TreePlanner
+from propd_compile.ragged import model_kwargs
 from propd_compile.tree import TokenTree, TreeBatch
 
 # forward(input_ids [B,T], mask [B,1,T,KV] bool, position_ids [B,T], cache, last_only=False)
@@ -46,6 +47,8 @@ class DecodeStats:
     rows: list[int] = field(default_factory=list)  # the batch row of each row step (per-row statistics)
     # dynamic trees: relative error of the latency model's prediction for each step, made before it ran
     latency_errors: list[float] = field(default_factory=list)
+    # dynamic trees: (expected, accepted) tokens of each step over its rows, expected before it ran
+    outcomes: list[tuple[float, int]] = field(default_factory=list)
 
     pruned_nodes: int = 0  # tree nodes an early-prune point kept out of the deep layers
     compiled: bool = False  # the verification ran compiled kernels
@@ -62,7 +65,7 @@ class DecodeStats:
         return self.pruned_nodes / total if total else 0.0
 
     def summary(self) -> dict:
-        out = {k: v for k, v in asdict(self).items() if k not in ("tree_sizes", "accepted", "rows", "latency_errors")}
+        out = {k: v for k, v in asdict(self).items() if k not in ("tree_sizes", "accepted", "rows", "latency_errors", "outcomes")}
         out["tokens_per_second"] = self.tokens_per_second
         out["pruned_fraction"] = self.pruned_fraction
         if self.latency_errors:
@@ -72,15 +75,19 @@ class DecodeStats:
 
 def eager_forward(model: torch.nn.Module, hidden: bool = False, taps: tuple[int, ...] = ()) -> Forward:
     """The model's own forward; with `hidden`, returns (logits, last hidden state) instead, and
-    with `taps` (logits, last hidden state, tapped features)."""
+    with `taps` (logits, last hidden state, tapped features). A ragged step (`cache.ragged`)
+    runs on its packed nodes only and returns outputs in the padded [B, T] layout."""
     if hidden or taps:
         return hidden_forward(model, taps)
 
     def forward(input_ids, mask, position_ids, cache, last_only: bool = False):
-        return model(
-            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True,
-            logits_to_keep=int(last_only),
+        step = cache.ragged
+        ids, pos = (step.pack_tokens(input_ids), step.pack_tokens(position_ids)) if step else (input_ids, position_ids)
+        logits = model(
+            input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
+            logits_to_keep=int(last_only), **model_kwargs(step),
         ).logits
+        return step.unpack(logits, input_ids.shape) if step else logits
 
     return forward
 
@@ -94,15 +101,19 @@ def hidden_forward(model: torch.nn.Module, taps: tuple[int, ...] = ()) -> Forwar
     base, lm_head = model.base_model, model.get_output_embeddings()
 
     def forward(input_ids, mask, position_ids, cache, last_only: bool = False):
+        step = cache.ragged
+        ids, pos = (step.pack_tokens(input_ids), step.pack_tokens(position_ids)) if step else (input_ids, position_ids)
         out = base(
-            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True,
-            output_hidden_states=bool(taps),
+            input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
+            output_hidden_states=bool(taps), **model_kwargs(step),
         )
         h = out.last_hidden_state
-        logits = lm_head(h[:, -1:] if last_only else h)
+        outs = [lm_head(h[:, -1:] if last_only else h), h]
         if taps:
-            return logits, h, torch.cat([out.hidden_states[t] for t in taps], -1)
-        return logits, h
+            outs.append(torch.cat([out.hidden_states[t] for t in taps], -1))
+        if step is not None:
+            outs = [step.unpack(x, input_ids.shape) for x in outs]
+        return tuple(outs)
 
     return forward
 
@@ -148,6 +159,7 @@ def tree_generate(
     streamer=None,
     accept: AcceptRule = greedy_rule,
     planner: TreePlanner | None = None,
+    ragged: bool = False,
 ) -> tuple[torch.Tensor, DecodeStats]:
     """Decode a left-padded batch with token trees; returns (sequences [B, P + N], stats).
 
@@ -155,7 +167,9 @@ def tree_generate(
     bonus token of a root-only tree, so the rule also picks it. With a `planner` (dynamic trees)
     the drafters propose up to `max_tree_nodes` nodes and the planner cuts every step's trees to
     the size it expects to be fastest, learning from each step's outcome and time. `prefill`
-    runs the prompt (default: the eager forward; a compiled one where it takes prompts).
+    runs the prompt (default: the eager forward; a compiled one where it takes prompts). With
+    `ragged` (the model's attention reads packings: `propd_compile.ragged`), rows verify only
+    their own trees and finished rows nothing, instead of every row padding to the largest tree.
     """
     t0 = time.perf_counter()
     needs_hidden = getattr(drafter, "needs_hidden", False)
@@ -232,7 +246,8 @@ def tree_generate(
         T = batch.num_nodes
         mask = torch.cat([cache.valid[:, None, :W].expand(B, T, W), batch.ancestors], dim=2)[:, None].to(device)
         positions = (torch.tensor(n_real_l)[:, None] + batch.depths).to(device)
-        cache.begin_step(mask)
+        # ragged: the forward runs only the real nodes of unfinished rows
+        cache.begin_step(mask, (batch.valid & torch.tensor([not d for d in done])[:, None]) if ragged else None)
         with StepTimer(device) as timer:
             out = forward(batch.tokens.to(device), mask, positions, cache)
         cache.end_step()
@@ -245,11 +260,12 @@ def tree_generate(
         stats.pruned_nodes += sum(max(len(trees[b]) - deep_rows, 0) for b in active)
         paths, bonus = accept(batch, logits)
         if planner is not None:
-            n_errors = len(planner.latency_errors)
+            n_errors, n_outcomes = len(planner.latency_errors), len(planner.outcomes)
             planner.observe(
                 [trees[b] for b in active], [paths[b] for b in active], timer.seconds, B, T, W, kept=deep_rows
             )
             stats.latency_errors += planner.latency_errors[n_errors:]
+            stats.outcomes += planner.outcomes[n_outcomes:]
         stats.steps += 1
         step_new = []
         for b in active:
@@ -317,7 +333,8 @@ def _give_features(drafter: Drafter, done: list[bool], features: torch.Tensor, n
 
 
 def _check_finite(logits: torch.Tensor) -> None:
-    if not torch.isfinite(logits).all():
+    # one reduction: a NaN or an infinity anywhere makes the sum non-finite
+    if not torch.isfinite(logits.sum(dtype=torch.float32)):
         raise FloatingPointError(
             "the model produced NaN/inf logits; check the weights and dtype (fp16 overflow: try "
             "torch_dtype=torch.float32 or bfloat16). Nothing was generated."

@@ -45,6 +45,20 @@ class Drafter(ABC):
         """A tree of at most `budget` nodes rooted at `row`'s last token."""
 
 
+class NoDrafter(Drafter):
+    """Root-only trees: plain one-token steps (max_tree_nodes=1), with no drafting work at all."""
+
+    def start(self, sequences: Sequence[Sequence[int]]) -> None:
+        self.last = [int(s[-1]) for s in sequences]
+
+    def advance(self, row: int, tokens: Sequence[int]) -> None:
+        if tokens:
+            self.last[row] = int(tokens[-1])
+
+    def propose(self, row: int, budget: int) -> TokenTree:
+        return TokenTree.root_only(self.last[row])
+
+
 class _SuffixIndex:
     """Positions following every n-gram (n <= n_max) of one growing token sequence."""
 
@@ -281,9 +295,12 @@ def build_drafter(config, model=None, rank_stats=None) -> Drafter:  # config: Pr
     """The drafter for `config`; draft heads need the `model` (they use its LM head).
 
     drafters=None picks ("heads", "ngram") when heads are available (config.heads, or heads
-    shipped for this model), else ("ngram",); tree="medusa" is the static Medusa tree alone.
+    shipped for this model), else ("ngram",); tree="medusa" is the static Medusa tree alone;
+    max_tree_nodes=1 (plain decoding) drafts nothing.
     `rank_stats` (acceptance.RankStats), if given, is updated by the heads from verified tokens.
     """
+    if config.max_tree_nodes == 1:
+        return NoDrafter()
     if config.tree == "chain":
         return NGramDrafter(config.ngram_max, config.max_depth, branching=False)
     heads = heads_for(config, model)

@@ -41,6 +41,7 @@ import torch.fx.experimental._config as fx_config
 from propd_compile.cache import TreeKVCache
 from propd_compile.config import ProPDConfig
 from propd_compile.decoding import Forward, eager_forward
+from propd_compile.ragged import RaggedStep, model_kwargs
 
 import propd_compile.backend  # noqa: F401  (registers "propd" when the entry point is absent)
 
@@ -50,29 +51,44 @@ log = logging.getLogger("propd_compile.runtime_compile")
 # against ATen per linear shape.
 INDUCTOR_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 MAX_BATCH = 256
+
+
+def package_pass_options(device: str) -> dict:
+    """On CPU the package keeps ATen's attention (with GQA, reading the cache slices in place):
+    AOTInductor calls it in C++, while a custom op such as `propd::tree_attention` is called back
+    through Python, which measured ~20% of a compiled step. On CUDA the tree-attention op
+    decomposes into Triton kernels that Inductor compiles into the package."""
+    return {"tree_attention": device != "cpu"}
 FORMAT = 1  # bump when the package's calling convention changes
 
 
 # --- the exported forward -------------------------------------------------------------------
 class Verification(torch.nn.Module):
-    """The forward a package holds, over flat tensors (what export traces and AOTInductor calls):
+    """The forward a package holds, over flat tensors (what export traces and AOTInductor calls),
+    on the packed layout of `propd_compile.ragged` (every step is packed: a dense one trivially):
 
-    (input_ids [B, T], mask [B, 1, T, S] bool, position_ids [B, T], logit_rows [R], keys, values,
-    keep) -> (logits [B, R, V],) or, with `hidden`, (logits, last hidden state [B, T, H]) and with
-    `taps` also the features entering those layers ([B, T, len(taps) * H], the feature drafter's).
+    (input_ids [1, N], mask [B, 1, T, S] bool, position_ids [1, N], pack [B, T], flat [N], rows [N],
+    slots [N], logit_rows [R], keys, values, keep) -> (logits [1, R, V],) or, with `hidden`,
+    (logits, last hidden state [1, N, H]) and with `taps` also the features entering those layers
+    ([1, N, len(taps) * H], the feature drafter's).
 
-    keys/values are the runtime cache's per-layer buffers, written in place at slots [S - T, S);
-    logit_rows picks the positions whose logits are needed (all nodes, or the prefill's last).
-    With `hidden` the logits are the LM head on the base model's final hidden states (what the
-    causal LM computes; `heads.check_hidden_logits` tells which models qualify)."""
+    keys/values are the runtime cache's per-layer buffers, node n's K/V written in place at
+    (rows[n], slots[n]); logit_rows picks the packed positions whose logits are needed (all
+    nodes, or each row's last prompt token in a prefill). With `hidden` the logits are the LM head
+    on the base model's final hidden states (what the causal LM computes;
+    `heads.check_hidden_logits` tells which models qualify)."""
 
     def __init__(self, model: torch.nn.Module, hidden: bool, taps: tuple[int, ...] = ()) -> None:
         super().__init__()
         self.model, self.hidden, self.taps = model, hidden, tuple(taps)
 
-    def forward(self, input_ids, mask, position_ids, logit_rows, keys, values, keep):
-        cache = TreeKVCache.over(keys, values, keep, mask)
-        args = dict(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True)
+    def forward(self, input_ids, mask, position_ids, pack, flat, rows, slots, logit_rows, keys, values, keep):
+        step = RaggedStep(pack, flat, rows, slots)
+        cache = TreeKVCache.over(keys, values, keep, mask, step)
+        args = dict(
+            input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True,
+            **model_kwargs(step),
+        )
         if not self.hidden:
             return (self.model(**args, logits_to_keep=logit_rows).logits,)
         out = self.model.base_model(**args, output_hidden_states=bool(self.taps))
@@ -84,7 +100,8 @@ class Verification(torch.nn.Module):
 
 
 def _example(model: torch.nn.Module, batch: int = 2, tree: int = 8, kv: int = 64):
-    """Inputs of a tree step (sizes > 1: export specialises sizes of 1)."""
+    """A padded tree step (sizes > 1, and fewer real nodes than B * T: export specialises sizes
+    of 1 and would tie sizes that are equal in the example): (ids, mask, positions, nodes, cache)."""
     vocab = model.get_output_embeddings().weight.shape[0]
     device = next(model.parameters()).device
     anc = torch.ones(tree, tree, dtype=torch.bool).tril()
@@ -92,20 +109,29 @@ def _example(model: torch.nn.Module, batch: int = 2, tree: int = 8, kv: int = 64
     cache = TreeKVCache.for_model(model, batch, kv + 8)
     ids = torch.randint(0, vocab, (batch, tree), generator=torch.Generator().manual_seed(0))
     pos = (kv - tree + torch.arange(tree)).repeat(batch, 1)
-    rows = torch.arange(tree)
-    return tuple(t.to(device) for t in (ids, mask.to(device), pos, rows)) + (cache.keys, cache.values, cache.keep)
+    nodes = torch.ones(batch, tree, dtype=torch.bool)
+    nodes[1:, tree // 2 :] = False
+    return ids.to(device), mask.to(device), pos.to(device), nodes.to(device), cache
 
 
-def _dynamic_shapes(model: torch.nn.Module, n_layers: int) -> dict:
+def _package_inputs(input_ids, mask, position_ids, step: RaggedStep, logit_rows, cache) -> list[torch.Tensor]:
+    return [
+        step.pack_tokens(input_ids), mask, step.pack_tokens(position_ids), step.pack, step.flat, step.rows,
+        step.slots, logit_rows, *cache.keys, *cache.values, cache.keep,
+    ]
+
+
+def _dynamic_shapes(model: torch.nn.Module, n_layers: int) -> list:
     cfg = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
     context = getattr(cfg, "max_position_embeddings", None) or getattr(cfg, "n_positions", None) or 8192
     Dim = torch.export.Dim
-    B, T, R = Dim("B", min=1, max=MAX_BATCH), Dim("T", min=1, max=context), Dim("R", min=1, max=context)
+    B, T = Dim("B", min=1, max=MAX_BATCH), Dim("T", min=1, max=context)
+    N, R = Dim("N", min=1, max=MAX_BATCH * context), Dim("R", min=1, max=MAX_BATCH * context)
     S, L = Dim("S", min=1, max=2 * context + 64), Dim("L", min=1, max=2 * context + 64)
-    return {
-        "input_ids": {0: B, 1: T}, "mask": {0: B, 2: T, 3: S}, "position_ids": {0: B, 1: T}, "logit_rows": {0: R},
-        "keys": [{0: B, 2: L}] * n_layers, "values": [{0: B, 2: L}] * n_layers, "keep": {0: B, 1: L},
-    }
+    return [
+        {1: N}, {0: B, 2: T, 3: S}, {1: N}, {0: B, 1: T}, {0: N}, {0: N}, {0: N}, {0: R},
+        [{0: B, 2: L}] * n_layers, [{0: B, 2: L}] * n_layers, {0: B, 1: L},
+    ]
 
 
 # --- what a package depends on ----------------------------------------------------------------
@@ -121,14 +147,19 @@ def weights_digest(model: torch.nn.Module) -> str:
 
 
 def _code_digest() -> str:
-    """propd's passes and kernels, whose output the package bakes in."""
-    root = Path(__file__).resolve().parent
+    """The code the package bakes in: propd's passes and kernels, the exported forward and the
+    cache's in-graph writes (not the runtime-side code around them)."""
+    import inspect
+
     h = hashlib.blake2b(digest_size=8)
     for pkg in ("passes", "kernels"):
         mod = __import__(f"propd_compile.{pkg}", fromlist=["__file__"])
         for f in sorted(Path(mod.__file__).parent.glob("*.py")):
             h.update(f.read_bytes())
-    h.update((root / "cache.py").read_bytes() + Path(__file__).read_bytes())
+    from propd_compile import ragged
+
+    for obj in (Verification, TreeKVCache.over, TreeKVCache.update, package_pass_options, _dynamic_shapes, ragged):
+        h.update(inspect.getsource(obj).encode())
     return h.hexdigest()
 
 
@@ -188,18 +219,20 @@ def build(model: torch.nn.Module, key: PackageKey, progress: bool = True) -> Pat
     phases = ["export", "propd passes", "Inductor: autotune + C++ compile", "check against eager"]
     bar = tqdm(phases, desc=f"compiling {key.model}", unit="phase", disable=not progress)
     timings: dict[str, float] = {}
-    example = _example(model)
+    ids, mask, pos, nodes, cache = _example(model)
+    step = RaggedStep.of(nodes, mask.shape[-1] - mask.shape[-2])
+    flat_inputs = _package_inputs(ids, mask, pos, step, torch.arange(step.flat.numel(), device=ids.device), cache)
+    n_layers = len(cache.keys)
+    example = (*flat_inputs[:8], flat_inputs[8 : 8 + n_layers], flat_inputs[8 + n_layers : 8 + 2 * n_layers], cache.keep)
     module = Verification(model, key.hidden, key.taps).eval()
     t0 = time.perf_counter()
     for phase in bar:
         bar.set_postfix_str(phase)
         t = time.perf_counter()
         if phase == "export":
-            ep = torch.export.export(
-                module, example, dynamic_shapes=_dynamic_shapes(model, len(example[4])), strict=False
-            )
+            ep = torch.export.export(module, example, dynamic_shapes=_dynamic_shapes(model, n_layers), strict=False)
         elif phase == "propd passes":
-            reports = run_passes(ep.graph_module, {})
+            reports = run_passes(ep.graph_module, package_pass_options(key.device))
             ep.graph_module.recompile()
             for r in reports:
                 log.info("propd package %s: %s", path.name, r)
@@ -233,25 +266,20 @@ def load_runner(path: Path) -> Callable[[list[torch.Tensor]], list[torch.Tensor]
 
 def package_forward(model: torch.nn.Module, run: Callable, hidden: bool, taps: tuple[int, ...] = ()) -> Forward:
     """The decode loop's Forward over a package's runner: logits, or with `hidden` (logits,
-    hidden), with `taps` (logits, hidden, features). The package of a feature drafter's taps
-    serves every kind; a hidden package serves logits and (logits, hidden)."""
-    every_row: dict[int, torch.Tensor] = {}  # arange(T) per tree size, made once
+    hidden), with `taps` (logits, hidden, features), in the padded [B, T] layout. The package of a
+    feature drafter's taps serves every kind; a hidden package serves logits and (logits, hidden)."""
     device = next(model.parameters()).device
 
     def forward(input_ids, mask, position_ids, cache, last_only: bool = False):
         B, T = input_ids.shape
         if B > MAX_BATCH:
             raise ValueError(f"the compiled kernels take up to {MAX_BATCH} rows per step, not {B}; split the batch")
-        if last_only:
-            rows = torch.tensor([T - 1], device=device)
-        else:
-            rows = every_row.get(T)
-            if rows is None:
-                rows = every_row[T] = torch.arange(T, device=device)
-        out = run([input_ids, mask, position_ids, rows, *cache.keys, *cache.values, cache.keep])
-        if taps:
-            return out[0], out[1], out[2]
-        return (out[0], out[1]) if hidden else out[0]
+        step = cache.ragged or RaggedStep.of(torch.ones(B, T, dtype=torch.bool, device=device), mask.shape[-1] - T)
+        rows = step.pack[:, -1] if last_only else torch.arange(step.flat.numel(), device=device)
+        out = run(_package_inputs(input_ids, mask, position_ids, step, rows, cache))
+        logits = out[0].view(B, 1, -1) if last_only else step.unpack(out[0], (B, T))
+        rest = [step.unpack(x, (B, T)) for x in out[1 : 1 + bool(hidden or taps) + bool(taps)]]
+        return (logits, *rest) if hidden or taps else logits
 
     return forward
 
@@ -269,15 +297,15 @@ def check_package(
     def close(got: torch.Tensor, ref: torch.Tensor) -> bool:
         return got.shape == ref.shape and bool((got - ref).abs().max() <= tolerance * ref.abs().max() + 1e-6)
 
-    for b, t in ((2, 5), (1, 1), (3, 1), (1, 7)):
-        ids, mask, pos, _, keys, values, keep = _example(model, b, t, kv=t + 11)
-        caches = [TreeKVCache.for_model(model, b, keys[0].shape[2]) for _ in range(2)]
+    for b, t, ragged in ((2, 5, False), (1, 1, False), (3, 1, False), (1, 7, False), (3, 6, True)):
+        ids, mask, pos, nodes, example_cache = _example(model, b, t, kv=t + 11)
+        caches = [TreeKVCache.for_model(model, b, example_cache.max_len) for _ in range(2)]
         g = torch.Generator().manual_seed(b * 31 + t)
         for mine, twin in zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values):
             mine.normal_(generator=g)
             twin.copy_(mine)
         for c in caches:
-            c.begin_step(mask)
+            c.begin_step(mask, nodes if ragged else None)
         got, ref = forward(ids, mask, pos, caches[0]), eager(ids, mask, pos, caches[1])
         got, ref = (got if hidden or taps else (got,)), (ref if hidden or taps else (ref,))
         written = zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values)

@@ -30,6 +30,7 @@ class ProPDState:
     stats: DecodeStats = field(default_factory=DecodeStats)  # of the last `generate` call
     forwards: dict[tuple, Forward | None] = field(default_factory=dict, repr=False)  # None: not built ("auto")
     planners: dict[str, "TreePlanner"] = field(default_factory=dict, repr=False)  # by repr(config)
+    attention: str | None = None  # the model's own attention implementation, switched to propd_<it>
     weights_version: tuple = field(default=(), repr=False)  # of the weights the compiled forwards hold
     # lazily built per-model objects of other modules (loaded heads by path, prune options, ...)
     built: dict[tuple, Any] = field(default_factory=dict, repr=False)

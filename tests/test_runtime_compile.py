@@ -28,7 +28,8 @@ def _builds() -> int:
 
 @st.composite
 def steps(draw):
-    """A verification step: B rows, one random tree of T nodes each, a KV prefix with holes."""
+    """A verification step: B rows, one random tree of T nodes each, a KV prefix with holes, and
+    which nodes are real (rows verifying fewer nodes, finished rows: a ragged step), or all."""
     B, T, prefix = draw(st.integers(1, 4)), draw(st.integers(1, 12)), draw(st.integers(1, 30))
     parents = [-1] + [draw(st.integers(0, i - 1)) for i in range(1, T)]
     anc = torch.eye(T, dtype=torch.bool)
@@ -39,14 +40,16 @@ def steps(draw):
     mask = torch.cat([valid[:, None, :].expand(B, T, prefix), anc.repeat(B, 1, 1)], 2)[:, None]
     ids = torch.tensor(draw(st.lists(st.lists(st.integers(0, VOCAB - 1), min_size=T, max_size=T), min_size=B, max_size=B)))
     depth = anc.sum(1) - 1
-    return ids, mask, (prefix + depth).repeat(B, 1), draw(st.integers(0, 2**31 - 1)), draw(st.booleans())
+    sizes = draw(st.lists(st.integers(0, T), min_size=B, max_size=B))
+    nodes = (torch.arange(T)[None] < torch.tensor(sizes)[:, None]) if draw(st.booleans()) else None
+    return ids, mask, (prefix + depth).repeat(B, 1), draw(st.integers(0, 2**31 - 1)), nodes
 
 
 @settings(max_examples=25, **SETTINGS)
 @given(step=steps())
 def test_the_package_computes_the_eager_forward(compiled_llama, step):
     model, config = compiled_llama
-    ids, mask, pos, seed, last_only = step
+    ids, mask, pos, seed, nodes = step
     forward = model.propd.forward(config, hidden=True)
     eager = eager_forward(model, hidden=True)
     B, S = ids.shape[0], mask.shape[-1]
@@ -56,11 +59,12 @@ def test_the_package_computes_the_eager_forward(compiled_llama, step):
         a.normal_(generator=g)
         b.copy_(a)
     for c in caches:
-        c.begin_step(mask)
-    (logits, hidden), (ref_logits, ref_hidden) = forward(ids, mask, pos, caches[0], last_only), eager(ids, mask, pos, caches[1], last_only)
+        c.begin_step(mask, nodes)
+    (logits, hidden), (ref_logits, ref_hidden) = forward(ids, mask, pos, caches[0]), eager(ids, mask, pos, caches[1])
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(hidden, ref_hidden, rtol=1e-4, atol=1e-5)
-    assert torch.equal(logits.argmax(-1), ref_logits.argmax(-1))
+    real = torch.ones_like(ids, dtype=torch.bool) if nodes is None else nodes
+    assert torch.equal(logits.argmax(-1)[real], ref_logits.argmax(-1)[real])
     for a, b in zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values):  # written in place
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
