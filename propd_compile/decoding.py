@@ -13,14 +13,18 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
 from propd_compile.cache import TreeKVCache
 from propd_compile.drafters import Drafter
 from propd_compile.planner import StepTimer, TreePlanner
+from propd_compile.streaming import StepStreamer
 from propd_compile.tree import TokenTree, TreeBatch
+
+if TYPE_CHECKING:
+    from propd_compile.processing import NodeProcessing
 
 # forward(input_ids [B,T], mask [B,1,T,KV] bool, position_ids [B,T], cache) -> logits [B,T,V]
 Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, TreeKVCache], torch.Tensor]
@@ -131,13 +135,15 @@ def tree_generate(
     streamer=None,
     accept: AcceptRule = greedy_rule,
     planner: TreePlanner | None = None,
+    process: NodeProcessing | None = None,
 ) -> tuple[torch.Tensor, DecodeStats]:
     """Decode a left-padded batch with token trees; returns (sequences [B, P + N], stats).
 
     `accept` decides what each step emits (greedy by default); the token after the prompt is the
     bonus token of a root-only tree, so the rule also picks it. With a `planner` (dynamic trees)
     the drafters propose up to `max_tree_nodes` nodes and the planner cuts every step's trees to
-    the size it expects to be fastest, learning from each step's outcome and time.
+    the size it expects to be fastest, learning from each step's outcome and time. With `process`
+    (logits processors) `accept` sees every node's logits processed on that node's history.
     """
     t0 = time.perf_counter()
     needs_hidden = getattr(drafter, "needs_hidden", False)
@@ -166,12 +172,13 @@ def tree_generate(
     cache.end_step()
     _check_finite(logits)
     cache.commit_prefill(attention_mask)
-    if streamer is not None:
-        streamer.put(input_ids.cpu())
+    stream = StepStreamer(streamer, input_ids, pad_token_id) if streamer is not None else None
 
     rows = [input_ids[b][valid_prompt[b]].tolist() for b in range(B)]
     drafter.start(rows)
     generated: list[list[int]] = [[] for _ in range(B)]
+    if process is not None:
+        accept = process.wrap(accept, generated)
     done = [False] * B
     n_real_l = n_real.tolist()
 
@@ -199,8 +206,8 @@ def tree_generate(
         drafter.advance(b, appended)
     if needs_hidden:
         _give_hidden(drafter, done, hidden, [-1] * B)
-    if streamer is not None:
-        streamer.put(torch.tensor(first[:1]))
+    if stream is not None:
+        stream.update(generated, done)
 
     while not all(done):
         active = [b for b in range(B) if not done[b]]
@@ -240,7 +247,6 @@ def tree_generate(
             )
             stats.latency_errors += planner.latency_errors[n_errors:]
         stats.steps += 1
-        step_new = []
         for b in active:
             path = paths[b]
             proposal = batch.tokens[b, path[1:]].tolist() + [bonus[b]]
@@ -250,16 +256,15 @@ def tree_generate(
             stats.tree_sizes.append(len(trees[b]))
             stats.accepted.append(len(appended))
             stats.rows.append(b)
-            step_new.append(appended)
             if not done[b]:
                 cache.compact(b, W, path)
                 n_real_l[b] += len(path)
         if needs_hidden:
             _give_hidden(drafter, done, hidden, [paths[b][-1] for b in range(B)])
-        if streamer is not None and step_new and active[0] == 0:
-            streamer.put(torch.tensor(step_new[0]))
-    if streamer is not None:
-        streamer.end()
+        if stream is not None:
+            stream.update(generated, done)
+    if stream is not None:
+        stream.end(generated)
 
     N = max(len(g) for g in generated)
     out = torch.full((B, P + N), pad_token_id, dtype=input_ids.dtype, device=device)

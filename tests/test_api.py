@@ -96,9 +96,14 @@ def test_stopping_criteria_and_streamer(model):
 @pytest.mark.parametrize(
     "kwargs,exc,match",
     [
-        (dict(do_sample=True, no_repeat_ngram_size=2), NotImplementedError, "no_repeat_ngram_size"),
-        (dict(num_beams=2), NotImplementedError, "num_beams"),
-        (dict(repetition_penalty=1.3), NotImplementedError, "repetition_penalty"),
+        (dict(num_beams=2), NotImplementedError, "num_beams=2.*hypotheses.*propd_compile.restore"),
+        (dict(do_sample=True, num_beams=2), NotImplementedError, "beam_sample.*propd_compile.restore"),
+        (dict(penalty_alpha=0.6, top_k=4), NotImplementedError, "contrastive.*hidden states.*propd_compile.restore"),
+        (dict(prompt_lookup_num_tokens=3), NotImplementedError, "assisted.*propd_compile.restore"),
+        (dict(guidance_scale=1.5), NotImplementedError, "guidance_scale.*unconditional.*propd_compile.restore"),
+        (dict(encoder_no_repeat_ngram_size=2), NotImplementedError, "encoder_no_repeat.*propd_compile.restore"),
+        (dict(prefix_allowed_tokens_fn=lambda b, ids: [7]), NotImplementedError, "batch index.*propd_compile.restore"),
+        (dict(return_dict_in_generate=True, output_hidden_states=True), NotImplementedError, "hidden.*restore"),
         (dict(max_new_tokens=10_000), ValueError, "context"),
         (dict(max_new_tokens=0), ValueError, "max_new_tokens"),
         (dict(bogus_argument=1), TypeError, "bogus_argument"),
