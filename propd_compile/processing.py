@@ -167,8 +167,13 @@ def _length_only(processor) -> NodeStep:
     return step
 
 
+def _suffix_length(processor: SequenceBiasLogitsProcessor) -> int:
+    """How many of the last tokens the processor reads: its longest biased sequence but one."""
+    return max((len(seq) for seq in processor.sequence_bias), default=1) - 1
+
+
 def _suffix_only(processor: SequenceBiasLogitsProcessor) -> NodeStep:
-    m = max(len(seq) for seq in processor.sequence_bias) - 1
+    m = _suffix_length(processor)
 
     def step(h: NodeHistories, scores: torch.Tensor) -> torch.Tensor:
         long_enough = h.lengths >= m
@@ -278,9 +283,7 @@ def node_step(processor, rows: int) -> NodeStep:
     if kind in LENGTH_ONLY:
         return _length_only(processor)
     if kind in SUFFIX_ONLY:
-        if max(len(seq) for seq in processor.sequence_bias) == 1:
-            return _history_free(processor)
-        return _suffix_only(processor)
+        return _suffix_only(processor) if _suffix_length(processor) else _history_free(processor)
     return _generic(processor)
 
 

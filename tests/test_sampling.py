@@ -116,12 +116,12 @@ def _peaky_model(seed: int = 0) -> torch.nn.Module:
 
 @torch.no_grad()
 def _exact_joint(model, warpers: list, eos: int | None = None) -> torch.Tensor:
-    """P(first three sampled tokens = (a, b, c)) [V, V, V] by enumeration: p(a) p(b|a) p(c|a,b).
-    A row that emits `eos` stops: its later tokens are PAD."""
+    """P(first three sampled tokens = (a, b, c)) [V, V, V] by enumeration: p(a) p(b|a) p(c|a,b),
+    each processed on its exact history. A row that emits `eos` stops: its later tokens are PAD."""
     seqs = torch.tensor([PROMPT + [a, b] for a in range(V) for b in range(V)])
     logits = model(seqs).logits[:, -3:].float()
     procs = LogitsProcessorList(warpers)
-    p = [torch.softmax(procs(seqs, logits[:, i]), -1) for i in range(3)]
+    p = [torch.softmax(procs(seqs[:, : len(PROMPT) + i], logits[:, i]), -1) for i in range(3)]
     p1, p2, p3 = p[0][0], p[1].view(V, V, V)[:, 0], p[2].view(V, V, V)
     joint = p1[:, None, None] * p2[:, :, None] * p3
     if eos is not None:
