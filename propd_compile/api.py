@@ -29,21 +29,23 @@ from propd_compile.sampling import sampling_rule
 from propd_compile.state import attach, detach, state_of
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
-_BEAMS = "beam search keeps several hypotheses per row and reorders them every step; a token tree verifies one continuation per row"
-# HF generation modes other than greedy and sampling: why token trees do not run them.
+_BEAMS = (("num_beams", "num_beam_groups", "force_words_ids", "constraints"),
+          "beam search keeps several hypotheses per row and reorders them every step; a token tree verifies one "
+          "continuation per row")
+_ASSISTED = "assisted and prompt-lookup decoding are another speculative decoder; propd drafts its own token trees"
+# HF generation modes other than greedy and sampling: the fields that select them, and why token
+# trees do not run them.
 _REFUSED_MODES = {
     GenerationMode.BEAM_SEARCH: _BEAMS,
     GenerationMode.BEAM_SAMPLE: _BEAMS,
     GenerationMode.GROUP_BEAM_SEARCH: _BEAMS,
     GenerationMode.CONSTRAINED_BEAM_SEARCH: _BEAMS,
-    GenerationMode.CONTRASTIVE_SEARCH: (
-        "contrastive search (penalty_alpha) re-ranks candidates by the similarity of their hidden states to the "
-        "past ones, which tree verification does not compute"
-    ),
-    GenerationMode.ASSISTED_GENERATION: (
-        "assisted and prompt-lookup decoding are another speculative decoder; propd drafts its own token trees"
-    ),
-    GenerationMode.DOLA_GENERATION: "DoLa contrasts early-layer logits with the final ones, which tree verification does not return",
+    GenerationMode.CONTRASTIVE_SEARCH: (("penalty_alpha", "top_k"), (
+        "contrastive search re-ranks candidates by the similarity of their hidden states to the past ones, which "
+        "tree verification does not compute")),
+    GenerationMode.ASSISTED_GENERATION: (("prompt_lookup_num_tokens",), _ASSISTED),
+    GenerationMode.DOLA_GENERATION: (("dola_layers",), (
+        "DoLa contrasts early-layer logits with the final ones, which tree verification does not return")),
 }
 # generation_config fields (set and not at their no-op value) that need more than each node's history.
 _REFUSED_FIELDS = {
@@ -57,7 +59,7 @@ _REFUSED_ARGUMENTS = {
     "prefix_allowed_tokens_fn": "the function receives each row's batch index, which tree nodes do not map to",
     "negative_prompt_ids": _REFUSED_FIELDS["guidance_scale"],
     "negative_prompt_attention_mask": _REFUSED_FIELDS["guidance_scale"],
-    "assistant_model": _REFUSED_MODES[GenerationMode.ASSISTED_GENERATION],
+    "assistant_model": _ASSISTED,
 }
 _ARGUMENTS = {"attention_mask", "logits_processor", "stopping_criteria", "streamer", "use_cache", "tokenizer"}
 
@@ -99,7 +101,9 @@ def _refuse_unsupported(gen: GenerationConfig, model_kwargs: dict[str, Any]) -> 
             raise _refused(name, why)
     mode = gen.get_generation_mode()
     if mode in _REFUSED_MODES:
-        raise _refused(f"{mode.value} (num_beams={gen.num_beams}, penalty_alpha={gen.penalty_alpha}, ...)", _REFUSED_MODES[mode])
+        fields, why = _REFUSED_MODES[mode]
+        chosen = ", ".join(f"{f}={getattr(gen, f)!r}" for f in fields if getattr(gen, f, None) is not None)
+        raise _refused(f"{mode.value} ({chosen})", why)
     for name, why in _REFUSED_FIELDS.items():
         value = getattr(gen, name, None)
         if value not in (None, False, 0) and not (name == "guidance_scale" and value == 1):
@@ -144,7 +148,7 @@ def _prepare(model: torch.nn.Module, input_ids: torch.Tensor, kwargs: dict[str, 
     _check_prompt(input_ids, mask)
     B, P = input_ids.shape
     device = input_ids.device
-    model._prepare_special_tokens(gen, "attention_mask" in model_kwargs, device=device, batch_size=B)
+    model._prepare_special_tokens(gen, model_kwargs.get("attention_mask") is not None, device=device, batch_size=B)
     prompt = input_ids
     if gen.num_return_sequences > 1:  # HF: every row repeated in place (sampling only; HF refuses it greedy)
         input_ids = input_ids.repeat_interleave(gen.num_return_sequences, 0)

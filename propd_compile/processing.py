@@ -93,7 +93,7 @@ class NodeHistories:
     far; a node's history appends the tokens on its root path after the root."""
 
     def __init__(self, prompt: Sequence[list[int]], generated: Sequence[list[int]], batch: TreeBatch) -> None:
-        self.prompt, self.generated, self.batch = prompt, generated, batch
+        self.prompt, self.generated = prompt, generated
         B, self.T = batch.tokens.shape
         tokens, parents = batch.tokens.tolist(), batch.parents.tolist()
         self.paths: list[list[list[int]]] = []  # [row][node]: the tokens after the root on its root path

@@ -127,7 +127,7 @@ def sampling_rule(
     `torch.manual_seed` makes a decode reproducible."""
 
     def rule(batch: TreeBatch, scores: torch.Tensor) -> tuple[list[list[int]], list[int]]:
-        probs = torch.softmax(scores.float(), -1)
+        probs = torch.softmax(scores, -1)
         if generator is not None:
             probs = probs.to(generator.device)
         if acceptance == "typical":

@@ -102,6 +102,7 @@ def test_stopping_criteria_and_streamer(model):
         (dict(do_sample=True, num_beams=2), NotImplementedError, "beam_sample.*propd_compile.restore"),
         (dict(penalty_alpha=0.6, top_k=4), NotImplementedError, "contrastive.*hidden states.*propd_compile.restore"),
         (dict(prompt_lookup_num_tokens=3), NotImplementedError, "assisted.*propd_compile.restore"),
+        (dict(dola_layers="low"), NotImplementedError, "dola.*early-layer.*propd_compile.restore"),
         (dict(guidance_scale=1.5), NotImplementedError, "guidance_scale.*unconditional.*propd_compile.restore"),
         (dict(encoder_no_repeat_ngram_size=2), NotImplementedError, "encoder_no_repeat.*propd_compile.restore"),
         (dict(prefix_allowed_tokens_fn=lambda b, ids: [7]), NotImplementedError, "batch index.*propd_compile.restore"),
