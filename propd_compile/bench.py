@@ -35,6 +35,9 @@ from propd_compile.config import ProPDConfig
 from propd_compile.prompts import Question, chat_prompt
 
 
+BASELINE = "hf"
+
+
 @dataclass(frozen=True)
 class Method:
     """How to run one row of the suite: HF `generate` with extra kwargs, or ProPD with config fields."""
@@ -44,12 +47,14 @@ class Method:
     hf_compiled: bool = False  # HF generate with a static cache and the compiled forward
     propd: dict[str, Any] | None = None  # ProPDConfig fields over the base config (a ProPD method)
     max_batch_size: int | None = None  # larger batches: reported unavailable
+    generate: dict[str, Any] | None = None  # extra generate() kwargs of either kind (e.g. a repetition penalty)
+    reference: str = BASELINE  # the method whose outputs this one's must equal (the same generate options)
 
     def runs_at(self, batch_size: int) -> bool:
         return self.max_batch_size is None or batch_size <= self.max_batch_size
 
 
-BASELINE = "hf"
+REPETITION = {"repetition_penalty": 1.2}
 METHODS: dict[str, Method] = {
     BASELINE: Method("HF greedy generate, eager, dynamic cache (the baseline)", hf={}),
     "hf-compiled": Method(
@@ -82,10 +87,19 @@ METHODS: dict[str, Method] = {
     "dynamic-prune": Method("ProPD dynamic tree with early pruning (torch.compile backend)",
                             propd={"tree": "dynamic", "prune": True, "compile": True}),
     "propd": Method("ProPD defaults: dynamic tree, heads + n-gram, compiled kernels", propd={"compile": True}),
+    # The same rows with a repetition penalty (per-node logits processing), against HF with it.
+    "hf-rep": Method("HF greedy generate, eager, repetition_penalty=1.2", hf={}, generate=REPETITION),
+    "dynamic-rep": Method("the dynamic row with repetition_penalty=1.2", propd={"tree": "dynamic", "compile": False},
+                          generate=REPETITION, reference="hf-rep"),
+    "propd-rep": Method("the propd row with repetition_penalty=1.2", propd={"compile": True},
+                        generate=REPETITION, reference="hf-rep"),
 }
 # --quick leaves out the compiled methods: their first compile alone takes minutes on a 2-core
-# CPU (the compiled runtime and the prune pass have their own lossless tests).
-QUICK_METHODS = tuple(n for n, m in METHODS.items() if not m.hf_compiled and not (m.propd or {}).get("compile"))
+# CPU (the compiled runtime and the prune pass have their own lossless tests), and the rows with
+# extra generate options (their own real-model tests check them).
+QUICK_METHODS = tuple(
+    n for n, m in METHODS.items() if not m.hf_compiled and not (m.propd or {}).get("compile") and not m.generate
+)
 WARM_UP_TOKENS = 16
 
 
@@ -211,7 +225,8 @@ def prepare(method: Method, model, base: ProPDConfig, gen_kwargs: dict[str, Any]
 
     if method.propd is None:
         hf_generate = type(model).generate  # the original, even on an accelerated model
-        kwargs = {**gen_kwargs, **method.hf, **(_hf_compile_kwargs(max_cache_len) if method.hf_compiled else {})}
+        kwargs = {**gen_kwargs, **method.hf, **(method.generate or {}),
+                  **(_hf_compile_kwargs(max_cache_len) if method.hf_compiled else {})}
         return Runner(lambda enc, n: hf_generate(model, **enc, **kwargs, max_new_tokens=n))
     try:
         config = base.with_(**method.propd)
@@ -219,7 +234,7 @@ def prepare(method: Method, model, base: ProPDConfig, gen_kwargs: dict[str, Any]
     except (TypeError, ValueError, NotImplementedError) as e:
         return f"{type(e).__name__}: {e}"
     return Runner(
-        lambda enc, n: propd_generate(model, config=config, **enc, **gen_kwargs, max_new_tokens=n),
+        lambda enc, n: propd_generate(model, config=config, **enc, **gen_kwargs, **(method.generate or {}), max_new_tokens=n),
         (lambda bs: warm_up(model, config, (1 if bs == 1 else 2,))) if config.compile else None,
     )
 
@@ -274,6 +289,7 @@ def run(
     every method samples, outputs differ draw by draw, and only speed and acceptance compare."""
     methods = dict(methods if methods is not None else METHODS)
     methods = {BASELINE: METHODS[BASELINE], **methods}  # speedups need the baseline
+    methods = {**{m.reference: METHODS[m.reference] for m in methods.values()}, **methods}  # and outputs their reference
     base = base or ProPDConfig()
     accelerate(model, base)  # propd methods share its state; HF methods call the original generate
     eos = model.generation_config.eos_token_id
@@ -339,9 +355,10 @@ def run(
                         new[name] = _new_rows(got[0], P, eos)
                         stats = model.propd.stats if methods[name].propd is not None else None
                         batch_calls.append(_call(name, bs, rep, i, got[1], group, new[name], stats))
-                if not sample and BASELINE in new:
-                    for call in batch_calls:
-                        for r, a, b in zip(call.rows, new[call.method], new[BASELINE]):
+                for call in batch_calls:
+                    reference = methods[call.method].reference
+                    if not sample and reference in new:
+                        for r, a, b in zip(call.rows, new[call.method], new[reference]):
                             r["identical"] = a == b
                 calls += batch_calls
         timed_graphs += _graphs_compiled() - g0
@@ -362,7 +379,8 @@ def run(
         },
         "methods": {
             name: {"description": m.description, "status": status[name],
-                   "hf_kwargs": m.hf, "hf_compiled": m.hf_compiled, "propd_fields": _jsonable(m.propd)}
+                   "hf_kwargs": m.hf, "hf_compiled": m.hf_compiled, "propd_fields": _jsonable(m.propd),
+                   "generate_kwargs": m.generate, "reference": m.reference}
             for name, m in methods.items()
         },
         "compile": {

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -38,19 +39,68 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
 
 
+def _generate_prompts(args) -> list[str]:
+    """The prompts: the arguments, or one per line of --file (`-`: stdin), or stdin when piped."""
+    if args.file:
+        stream = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")
+        with stream:
+            return [line.rstrip("\n") for line in stream if line.strip()]
+    if args.prompt:
+        return args.prompt
+    if not sys.stdin.isatty():
+        return [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    raise SystemExit("propd generate: give a prompt, --file FILE (one prompt per line; - for stdin), or pipe prompts in")
+
+
+def _generate_kwargs(args) -> dict:
+    """HF generate arguments from the flags: greedy unless a sampling flag is given."""
+    kwargs = dict(max_new_tokens=args.max_new_tokens)
+    sampling = {k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p), ("top_k", args.top_k))
+                if v is not None}
+    if sampling and args.temperature != 0:
+        kwargs.update(do_sample=True, **sampling)
+    if args.repetition_penalty is not None:
+        kwargs["repetition_penalty"] = args.repetition_penalty
+    return kwargs
+
+
+def _timed(generate, enc: dict, kwargs: dict, seed: int | None) -> tuple[torch.Tensor, float]:
+    import time
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    t = time.perf_counter()
+    out = generate(**enc, **kwargs)
+    return out, time.perf_counter() - t
+
+
 def cmd_generate(args) -> int:
     from transformers import TextStreamer
 
     import propd_compile
-    from propd_compile import models
+    from propd_compile import bench, models
     from propd_compile.prompts import chat_prompt
 
+    texts = _generate_prompts(args)
     model, tok = models.load(args.model)
     propd_compile.accelerate(model, _config(args))
-    text = args.prompt if args.raw else chat_prompt(tok, args.prompt)
-    enc = tok(text, return_tensors="pt")
-    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-    model.generate(**enc, max_new_tokens=args.max_new_tokens, streamer=streamer)
+    enc = tok([chat_prompt(tok, t) if args.chat else t for t in texts], return_tensors="pt", padding=True)
+    P = enc["input_ids"].shape[1]
+    kwargs = _generate_kwargs(args)
+    eos = model.generation_config.eos_token_id
+    eos = {eos} if isinstance(eos, int) else set(eos or [])
+    if args.compare:  # a short warm-up of both, then each timed once on the same prompts
+        hf_generate = functools.partial(type(model).generate, model)
+        for generate in (hf_generate, model.generate):
+            generate(**enc, **{**kwargs, "max_new_tokens": min(8, args.max_new_tokens)})
+        hf_out, hf_s = _timed(hf_generate, enc, kwargs, args.seed)
+    stream = len(texts) == 1 and not args.compare
+    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True) if stream else None
+    out, seconds = _timed(model.generate, enc, {**kwargs, "streamer": streamer}, args.seed)
+    new = bench._new_rows(out, P, eos)
+    if not stream:
+        for i, row in enumerate(new):
+            print(("" if len(new) == 1 else f"[{i}] ") + tok.decode(row, skip_special_tokens=True))
     st = model.propd.stats
     kernels = "compiled kernels" if st.compiled else "eager kernels; `propd warmup` builds compiled ones once"
     print(
@@ -58,6 +108,14 @@ def cmd_generate(args) -> int:
         f"{st.steps} steps, {st.mean_accepted:.2f} tokens/step, {st.mean_tree_nodes:.1f} tree nodes/step ({kernels})",
         file=sys.stderr,
     )
+    if args.compare:
+        hf_new = bench._new_rows(hf_out, P, eos)
+        hf_rate, rate = sum(map(len, hf_new)) / hf_s, sum(map(len, new)) / seconds
+        same = "n/a (sampling draws differ; the distribution is the same)" if kwargs.get("do_sample") else (
+            "yes" if hf_new == new else "NO")
+        print(f"[compare] HF generate {hf_rate:.1f} tok/s, propd {rate:.1f} tok/s, speedup {rate / hf_rate:.2f}x, "
+              f"identical: {same}")
+        return 0 if same != "NO" else 1
     return 0
 
 
@@ -258,9 +316,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="propd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="stream an answer from the (embedded) model with token-tree decoding")
-    g.add_argument("prompt")
+    g.add_argument("prompt", nargs="*", help="prompt(s), decoded as one batch (default: --file, or stdin)")
+    g.add_argument("--file", help="prompts, one per line, decoded as one batch (- reads stdin)")
     g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
+    g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
+                   help="wrap each prompt in the model's chat template (default) or pass it as is")
+    g.add_argument("--compare", action="store_true",
+                   help="also run HF generate on the same prompts: both tokens/s, the speedup, identical outputs")
+    g.add_argument("--temperature", type=float, default=None, help="sample (0: greedy)")
+    g.add_argument("--top-p", type=float, default=None, help="sample with nucleus top-p")
+    g.add_argument("--top-k", type=int, default=None, help="sample among the top-k tokens")
+    g.add_argument("--seed", type=int, default=None, help="torch.manual_seed before generating")
+    g.add_argument("--repetition-penalty", type=float, default=None, help="HF's repetition_penalty (e.g. 1.2)")
     _add_common(g)
     g.set_defaults(func=cmd_generate)
     from propd_compile.bench import METHODS

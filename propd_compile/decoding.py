@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
@@ -21,7 +21,11 @@ from propd_compile.cache import TreeKVCache
 from propd_compile.drafters import Drafter
 from propd_compile.planner import StepTimer, TreePlanner
 from propd_compile.ragged import model_kwargs
+from propd_compile.streaming import StepStreamer
 from propd_compile.tree import TokenTree, TreeBatch
+
+if TYPE_CHECKING:
+    from propd_compile.processing import NodeProcessing
 
 # forward(input_ids [B,T], mask [B,1,T,KV] bool, position_ids [B,T], cache, last_only=False)
 #   -> logits [B,T,V] ([B,1,V] with last_only: the prefill needs only the last position's), or
@@ -160,6 +164,7 @@ def tree_generate(
     accept: AcceptRule = greedy_rule,
     planner: TreePlanner | None = None,
     ragged: bool = False,
+    process: NodeProcessing | None = None,
 ) -> tuple[torch.Tensor, DecodeStats]:
     """Decode a left-padded batch with token trees; returns (sequences [B, P + N], stats).
 
@@ -169,7 +174,8 @@ def tree_generate(
     the size it expects to be fastest, learning from each step's outcome and time. `prefill`
     runs the prompt (default: the eager forward; a compiled one where it takes prompts). With
     `ragged` (the model's attention reads packings: `propd_compile.ragged`), rows verify only
-    their own trees and finished rows nothing, instead of every row padding to the largest tree.
+    their own trees and finished rows nothing, instead of every row padding to the largest tree. With `process`
+    (logits processors) `accept` sees every node's logits processed on that node's history.
     """
     t0 = time.perf_counter()
     needs_hidden = getattr(drafter, "needs_hidden", False)
@@ -193,12 +199,13 @@ def tree_generate(
     cache.end_step()
     _check_finite(logits)
     cache.commit_prefill(attention_mask)
-    if streamer is not None:
-        streamer.put(input_ids.cpu())
+    stream = StepStreamer(streamer, input_ids, pad_token_id) if streamer is not None else None
 
     rows = [input_ids[b][valid_prompt[b]].tolist() for b in range(B)]
     drafter.start(rows)
     generated: list[list[int]] = [[] for _ in range(B)]
+    if process is not None:
+        accept = process.wrap(accept, generated)
     done = [False] * B
     n_real_l = n_real.tolist()
 
@@ -228,8 +235,8 @@ def tree_generate(
         _give_hidden(drafter, done, hidden[:, -1], [-1] * B)
     if taps:
         _give_features(drafter, done, features, [valid_prompt[b].nonzero().flatten().tolist() for b in range(B)])
-    if streamer is not None:
-        streamer.put(torch.tensor(first[:1]))
+    if stream is not None:
+        stream.update(generated, done)
 
     while not all(done):
         active = [b for b in range(B) if not done[b]]
@@ -267,7 +274,6 @@ def tree_generate(
             stats.latency_errors += planner.latency_errors[n_errors:]
             stats.outcomes += planner.outcomes[n_outcomes:]
         stats.steps += 1
-        step_new = []
         for b in active:
             path = paths[b]
             proposal = batch.tokens[b, path[1:]].tolist() + [bonus[b]]
@@ -277,7 +283,6 @@ def tree_generate(
             stats.tree_sizes.append(len(trees[b]))
             stats.accepted.append(len(appended))
             stats.rows.append(b)
-            step_new.append(appended)
             if not done[b]:
                 cache.compact(b, W, path)
                 n_real_l[b] += len(path)
@@ -287,10 +292,10 @@ def tree_generate(
         if taps:
             _give_features(drafter, done, features, paths)
         stats.draft_seconds += time.perf_counter() - t_draft
-        if streamer is not None and step_new and active[0] == 0:
-            streamer.put(torch.tensor(step_new[0]))
-    if streamer is not None:
-        streamer.end()
+        if stream is not None:
+            stream.update(generated, done)
+    if stream is not None:
+        stream.end(generated)
 
     N = max(len(g) for g in generated)
     out = torch.full((B, P + N), pad_token_id, dtype=input_ids.dtype, device=device)

@@ -115,10 +115,14 @@ def _example(model: torch.nn.Module, batch: int = 2, tree: int = 8, kv: int = 64
 
 
 def _package_inputs(input_ids, mask, position_ids, step: RaggedStep, logit_rows, cache) -> list[torch.Tensor]:
-    return [
-        step.pack_tokens(input_ids), mask, step.pack_tokens(position_ids), step.pack, step.flat, step.rows,
-        step.slots, logit_rows, *cache.keys, *cache.values, cache.keep,
-    ]
+    """The package's flat inputs. AOTInductor reads every input as a contiguous buffer without
+    checking strides, so views (a column of the packing, an expanded mask) are made contiguous;
+    the cache buffers are written in place and must be the buffers themselves."""
+    steps = [step.pack_tokens(input_ids), mask, step.pack_tokens(position_ids), step.pack, step.flat, step.rows, step.slots, logit_rows]
+    buffers = [*cache.keys, *cache.values, cache.keep]
+    if not all(b.is_contiguous() for b in buffers):
+        raise ValueError("the compiled kernels write the KV cache in place: its buffers must be contiguous")
+    return [x.contiguous() for x in steps] + buffers
 
 
 def _dynamic_shapes(model: torch.nn.Module, n_layers: int) -> list:
@@ -288,8 +292,8 @@ def package_forward(model: torch.nn.Module, run: Callable, hidden: bool, taps: t
 def check_package(
     model: torch.nn.Module, hidden: bool, run: Callable, taps: tuple[int, ...] = (), tolerance: float = 5e-3
 ) -> None:
-    """Raise unless the package computes the eager forward on tree steps, one-token steps and
-    batch 1: every output (logits, hidden states, the KV written) within `tolerance` of its
+    """Raise unless the package computes the eager forward on tree steps, ragged steps, one-token
+    steps, batch 1 and the prefill's last-position logits: every output (logits, hidden states, the KV written) within `tolerance` of its
     largest magnitude (fp32 rounding in another summation order), and the same argmax."""
     eager = eager_forward(model, hidden=hidden, taps=taps)
     forward = package_forward(model, run, hidden, taps)
@@ -297,7 +301,9 @@ def check_package(
     def close(got: torch.Tensor, ref: torch.Tensor) -> bool:
         return got.shape == ref.shape and bool((got - ref).abs().max() <= tolerance * ref.abs().max() + 1e-6)
 
-    for b, t, ragged in ((2, 5, False), (1, 1, False), (3, 1, False), (1, 7, False), (3, 6, True)):
+    cases = ((2, 5, False, False), (1, 1, False, False), (3, 1, False, False), (1, 7, False, False),
+             (3, 6, True, False), (3, 6, False, True))
+    for b, t, ragged, last_only in cases:
         ids, mask, pos, nodes, example_cache = _example(model, b, t, kv=t + 11)
         caches = [TreeKVCache.for_model(model, b, example_cache.max_len) for _ in range(2)]
         g = torch.Generator().manual_seed(b * 31 + t)
@@ -306,7 +312,7 @@ def check_package(
             twin.copy_(mine)
         for c in caches:
             c.begin_step(mask, nodes if ragged else None)
-        got, ref = forward(ids, mask, pos, caches[0]), eager(ids, mask, pos, caches[1])
+        got, ref = forward(ids, mask, pos, caches[0], last_only), eager(ids, mask, pos, caches[1], last_only)
         got, ref = (got if hidden or taps else (got,)), (ref if hidden or taps else (ref,))
         written = zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values)
         if not all(close(x, y) for x, y in (*zip(got, ref), *written)):

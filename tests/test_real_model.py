@@ -55,3 +55,36 @@ def test_compiled_decoding_of_smollm2_is_identical_and_compiles_nothing(smollm):
         assert counters["propd"]["packages_built"] == built and counters["stats"]["unique_graphs"] == graphs
     finally:
         restore(model)
+
+
+def test_identical_to_hf_greedy_with_repetition_penalty_and_no_repeat_ngram(smollm):
+    """16 MT-Bench prompts (2 per category), batch 4: the options small chat models are run with."""
+    model, tok = smollm
+    texts = [prompts.chat_prompt(tok, q.turns[0]) for q in prompts.mt_bench_sample(2)]
+    options = dict(max_new_tokens=48, repetition_penalty=1.2, no_repeat_ngram_size=4)
+    accelerate(model, ProPDConfig(tree="fixed", max_tree_nodes=16))
+    try:
+        for i in range(0, len(texts), 4):
+            enc = tok(texts[i : i + 4], return_tensors="pt", padding=True)
+            ref = type(model).generate(model, **enc, do_sample=False, **options)  # HF's own
+            out = model.generate(**enc, **options)
+            assert torch.equal(out, ref), tok.batch_decode(torch.cat([out, ref])[:, enc["input_ids"].shape[1]:])
+    finally:
+        restore(model)
+
+
+def test_text_generation_pipeline_on_chat_inputs(smollm):
+    """pipeline("text-generation") on the accelerated model: a chat input and a batch of them
+    give HF's answers."""
+    from transformers import pipeline
+
+    model, tok = smollm
+    chats = [[{"role": "user", "content": q.turns[0]}] for q in prompts.mt_bench_sample(1)[:4]]
+    pipe = pipeline("text-generation", model=model, tokenizer=tok)
+    kw = dict(max_new_tokens=24, do_sample=False)
+    ref = [pipe(chats[0], **kw), pipe(chats, batch_size=4, **kw)]
+    accelerate(model, ProPDConfig(max_tree_nodes=16))
+    try:
+        assert [pipe(chats[0], **kw), pipe(chats, batch_size=4, **kw)] == ref
+    finally:
+        restore(model)
