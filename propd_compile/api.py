@@ -232,7 +232,7 @@ def propd_generate(
         accept=accept,
         planner=planner,
         process=process,
-        ragged=not config.prune,
+        ragged=config.ragged,
     )
     stats.compiled = compiled
     state.stats = stats

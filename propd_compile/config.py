@@ -112,3 +112,9 @@ class ProPDConfig:
 
     def with_(self, **changes: Any) -> "ProPDConfig":
         return replace(self, **changes)
+
+    @property
+    def ragged(self) -> bool:
+        """Rows verify trees of their own sizes (`propd_compile.ragged`), except with early
+        pruning, whose prune point compacts padded rows."""
+        return not self.prune

@@ -5,9 +5,11 @@ time is close to linear in a handful of features, with step changes: one token (
 matrix-vector kernels, more tokens matrix-matrix ones (../shared/research/measurements.md: 2
 tokens cost 1.6x one, 32 tokens 2x), and a tree (T > 1) takes the model's multi-query attention
 path. With pruning, the deep layers see only the survivors, so the tokens before and after
-pruning are separate features:
+pruning are separate features. A ragged step (rows of their own sizes, `propd_compile.ragged`)
+runs its linear layers on the N real nodes only, while attention still sees each row padded to
+the largest tree T, so N and B T are separate features too (N = B T on a padded step):
 
-    t ~ b0 + b1 [B T > 1] + b2 [T > 1] + b3 B + b4 B T + b5 B T_kept + b6 B KV + b7 B T KV
+    t ~ b0 + b1 [N > 1] + b2 [T > 1] + b3 B + b4 N + b5 B T_kept + b6 B KV + b7 B T KV
 
 The fit is least squares with recency weights exp(-age / half_life * ln 2) (ProPD weights stale
 measurements less), a small ridge term so collinear features (T_kept = T without pruning) stay
@@ -18,6 +20,7 @@ steps and saves the fit, which warm-starts decoding.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import random
 import time
@@ -27,13 +30,17 @@ from typing import Sequence
 
 import torch
 
-FEATURES = ("1", "B*T>1", "T>1", "B", "B*T", "B*T_kept", "B*KV/1k", "B*T*KV/1k")
+log = logging.getLogger(__name__)
+
+FEATURES = ("1", "N>1", "T>1", "B", "N", "B*T_kept", "B*KV/1k", "B*T*KV/1k")
 
 
-def features(batch: int, tree: int, kept: float, kv: int) -> list[float]:
-    """The regression features of a step: B rows, T nodes per row, `kept` of them past pruning."""
+def features(batch: int, tree: int, kept: float, kv: int, tokens: int | None = None) -> list[float]:
+    """The regression features of a step: B rows padded to T nodes, `kept` of them past pruning,
+    `tokens` real nodes in all (B T unless the step is ragged)."""
+    n = batch * tree if tokens is None else tokens
     return [
-        1.0, float(batch * tree > 1), float(tree > 1), float(batch), float(batch * tree), float(batch * kept),
+        1.0, float(n > 1), float(tree > 1), float(batch), float(n), float(batch * kept),
         batch * kv / 1e3, batch * tree * kv / 1e3,
     ]
 
@@ -115,17 +122,25 @@ def calibration_path(model: torch.nn.Module, compiled: bool = False, root: Path 
 
 
 def load_calibration(model: torch.nn.Module, compiled: bool = False) -> LatencyModel | None:
+    """This machine's saved fit, or None (none saved, or saved by a propd with other features:
+    decoding then measures its own, and says how to refresh the file)."""
     path = calibration_path(model, compiled)
     if not path.exists():
         return None
-    return LatencyModel.from_dict(json.loads(path.read_text())["fit"])
+    try:
+        return LatencyModel.from_dict(json.loads(path.read_text())["fit"])
+    except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
+        log.warning("ignoring the latency calibration %s (%s); measuring steps online instead", path, e)
+        return None
 
 
 @torch.no_grad()
 def measure_step(
-    model: torch.nn.Module, forward, batch: int, tree: int, kv: int, repeats: int = 1, rng: random.Random | None = None
+    model: torch.nn.Module, forward, batch: int, tree: int, kv: int, repeats: int = 1, rng: random.Random | None = None,
+    sizes: Sequence[int] | None = None,
 ) -> float:
-    """Seconds of one verification forward (median of `repeats`) for a random tree shape."""
+    """Seconds of one verification forward (median of `repeats`) for a random tree shape; with
+    `sizes`, a ragged step in which row b verifies only its first sizes[b] nodes."""
     rng = rng or random.Random(0)
     from propd_compile.cache import TreeKVCache
 
@@ -142,9 +157,10 @@ def measure_step(
     # spare slots, as in decoding: a cache exactly as long as the mask would take another graph
     cache = TreeKVCache.for_model(model, batch, kv + tree + 8)
     cache.lengths = [kv] * batch
+    nodes = None if sizes is None else (torch.arange(tree)[None] < torch.tensor(list(sizes))[:, None]).to(device)
     times = []
     for _ in range(repeats):
-        cache.begin_step(mask)
+        cache.begin_step(mask, nodes)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
@@ -167,20 +183,29 @@ def calibrate(
     seed: int = 0,
     progress: bool = True,
 ) -> dict:
-    """Measure steps over a grid of (B, T, KV), fit on a random 1 - `holdout` of them and report
-    the mean absolute percentage error on the rest; the saved fit then uses all points."""
+    """Measure steps over a grid of (B, T, KV), padded and, on a model that takes ragged steps
+    (accelerated), ragged with random row sizes (B > 1, at the middle KV); fit on a random
+    1 - `holdout` of them and report the mean absolute percentage error on the rest; the saved
+    fit then uses all points."""
     from tqdm.auto import tqdm
 
+    from propd_compile.ragged import takes_ragged_steps
+
     rng = random.Random(seed)
-    grid = [(b, t, kv) for b in batch_sizes for t in tree_sizes for kv in kv_lengths]
+    mid_kv = sorted(kv_lengths)[len(kv_lengths) // 2]
+    grid = [(b, t, kv, None) for b in batch_sizes for t in tree_sizes for kv in kv_lengths]
+    if takes_ragged_steps(model):
+        grid += [(b, t, mid_kv, (t, *(rng.randint(1, t) for _ in range(b - 1))))
+                 for b in batch_sizes if b > 1 for t in tree_sizes if t > 1]
     rng.shuffle(grid)
     # one-token shapes (B = T = 1) are a regime of their own: keep them all in the fit, so the
     # held-out shapes never test a regime the fit has not seen
     grid.sort(key=lambda g: g[0] * g[1] == 1)
     measure_step(model, forward, 1, 2, 16)  # first-call costs (allocations, lazy init) out of the data
     points = []
-    for b, t, kv in tqdm(grid, desc="calibrating step latency", unit="shape", disable=not progress):
-        points.append((features(b, t, t, kv), measure_step(model, forward, b, t, kv, repeats, rng), (b, t, kv)))
+    for b, t, kv, sizes in tqdm(grid, desc="calibrating step latency", unit="shape", disable=not progress):
+        x = features(b, t, t, kv, tokens=sum(sizes) if sizes else None)
+        points.append((x, measure_step(model, forward, b, t, kv, repeats, rng, sizes), (b, t, kv, sizes)))
     n_hold = max(1, round(len(points) * holdout))
     held, train = points[:n_hold], points[n_hold:]
     fit = LatencyModel(half_life=float("inf"))
@@ -196,8 +221,8 @@ def calibrate(
         "fit": full.to_dict(),
         "held_out_mape": mape,
         "held_out_points": n_hold,
-        "points": [{"batch": g[0], "tree": g[1], "kv": g[2], "seconds": s, "predicted_held_out_fit": fit.predict(x)}
-                   for x, s, g in points],
+        "points": [{"batch": g[0], "tree": g[1], "kv": g[2], "sizes": g[3], "seconds": s,
+                    "predicted_held_out_fit": fit.predict(x)} for x, s, g in points],
         "threads": torch.get_num_threads(),
         "device": str(next(model.parameters()).device),
     }

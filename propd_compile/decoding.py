@@ -241,7 +241,7 @@ def tree_generate(
     while not all(done):
         active = [b for b in range(B) if not done[b]]
         W = cache.write_start
-        t_draft = time.perf_counter()
+        t_draft = t_step = time.perf_counter()
         trees = [drafter.propose(b, max_tree_nodes) if not done[b] else None for b in range(B)]
         stats.draft_seconds += time.perf_counter() - t_draft
         if planner is not None:
@@ -254,7 +254,9 @@ def tree_generate(
         mask = torch.cat([cache.valid[:, None, :W].expand(B, T, W), batch.ancestors], dim=2)[:, None].to(device)
         positions = (torch.tensor(n_real_l)[:, None] + batch.depths).to(device)
         # ragged: the forward runs only the real nodes of unfinished rows
-        cache.begin_step(mask, (batch.valid & torch.tensor([not d for d in done])[:, None]) if ragged else None)
+        nodes = batch.valid & torch.tensor([not d for d in done])[:, None] if ragged else None
+        tokens = int(nodes.sum()) if ragged else B * T
+        cache.begin_step(mask, nodes)
         with StepTimer(device) as timer:
             out = forward(batch.tokens.to(device), mask, positions, cache)
         cache.end_step()
@@ -269,7 +271,8 @@ def tree_generate(
         if planner is not None:
             n_errors, n_outcomes = len(planner.latency_errors), len(planner.outcomes)
             planner.observe(
-                [trees[b] for b in active], [paths[b] for b in active], timer.seconds, B, T, W, kept=deep_rows
+                [trees[b] for b in active], [paths[b] for b in active], timer.seconds, B, T, W, kept=deep_rows,
+                tokens=tokens,
             )
             stats.latency_errors += planner.latency_errors[n_errors:]
             stats.outcomes += planner.outcomes[n_outcomes:]
@@ -294,6 +297,8 @@ def tree_generate(
         stats.draft_seconds += time.perf_counter() - t_draft
         if stream is not None:
             stream.update(generated, done)
+        if planner is not None:
+            planner.observe_overhead(tokens, time.perf_counter() - t_step - timer.seconds)
     if stream is not None:
         stream.end(generated)
 

@@ -1,15 +1,24 @@
-"""Dynamic token trees: every step, the tree size that maximises expected tokens per second.
+"""Dynamic token trees: every step, the tree sizes that maximise expected tokens per second.
 
 Each row's drafter proposes a candidate tree of up to `max_nodes` nodes. The acceptance model
 turns its scores into calibrated path probabilities l; ranking a row's nodes by l (parents
 first) gives a nested family of ancestor-closed trees, the first n nodes for n = 1, 2, ...
-All rows verify in one padded forward, so the batch shares one size n, and the planner picks
+A step's time is the forward's (the latency model, `cost_model`) plus what the step costs
+around it (drafting, acceptance, cache bookkeeping: `overhead`, learnt online by node count).
 
-    n* = argmax_n  sum_rows E_row(n) / T_est(B, n, KV),   E_row(n) = sum of l over its first n nodes
+Padded steps (every row verifies the batch's largest tree) share one size n:
 
-with T_est from the latency model. n = 1 (a plain autoregressive step) is always a candidate, so
-decoding falls back to plain steps when drafts are poor. After the step, the acceptance model
-learns from what was accepted and the latency model from the measured time.
+    n* = argmax_n  sum_rows E_row(n) / (T_fwd(B, n, KV) + T_around(B n)),  E_row(n) = sum of l over its first n nodes
+
+Ragged steps (`ragged`: rows verify their own sizes, `propd_compile.ragged`) give each row its
+own size: nodes join in order of l across all rows (a row's l never grows along its order, so
+every prefix of that order is a set of per-row prefixes, and the one of N nodes with the most
+expected tokens), and the planner picks the N with the best rate; the forward's cost counts the
+N real nodes and the largest row's size T (attention runs each row padded to T).
+
+One node per row (a plain step) is always a candidate, so decoding falls back to plain steps
+when drafts are poor. After the step the acceptance model learns from what was accepted and the
+latency models from the measured times.
 
 Without a saved calibration (`propd calibrate`), the planner measures a few step shapes the first
 time it sees a batch size (at the current KV length; about a second on the embedded model), so
@@ -36,8 +45,10 @@ def best_first(tree: TokenTree, l: Sequence[float]) -> list[int]:
 
 
 class TreePlanner:
-    def __init__(self, acceptance: AcceptanceModel, latency: LatencyModel, max_nodes: int) -> None:
-        self.acceptance, self.latency, self.max_nodes = acceptance, latency, max_nodes
+    def __init__(self, acceptance: AcceptanceModel, latency: LatencyModel, max_nodes: int, ragged: bool = False) -> None:
+        self.acceptance, self.latency, self.max_nodes, self.ragged = acceptance, latency, max_nodes, ragged
+        # seconds a step spends outside the forward, on features [1, N real nodes]
+        self.overhead = LatencyModel(refit_every=4)
         self.calibrated = latency.ready  # from `propd calibrate`: no probing needed
         self.seen_batches: set[int] = set()
         self.kept_fraction = 1.0  # share of tree nodes past early pruning (running mean; 1 without pruning)
@@ -56,58 +67,89 @@ class TreePlanner:
             self.latency.observe(features(batch, n, n, kv), measure_step(model, forward, batch, n, max(kv, 1)))
         self.seen_batches.add(batch)
 
-    def plan(self, trees: Sequence[TokenTree | None], kv: int) -> list[TokenTree]:
+    def step_seconds(self, batch: int, tree: int, kv: int, tokens: int) -> tuple[float, float]:
+        """(forward, whole step) seconds predicted for `tokens` real nodes in rows padded to `tree`."""
+        kept = tree * self.kept_fraction if tree > 1 else 1
+        forward = self.latency.predict(features(batch, tree, kept, kv, tokens))
+        around = self.overhead.predict([1.0, float(tokens)]) if self.overhead.ready else 0.0
+        return forward, forward + around
+
+    def plan(self, trees: Sequence[TokenTree | None], kv: int) -> list[TokenTree | None]:
         """Trees for one step; `trees[b]` is row b's candidate tree, or None for a finished row
         (it gets its root only and counts nothing)."""
         B = len(trees)
-        orders, cums = [], []
+        orders, gains = [], []  # a row's nodes best first, and their path probabilities in that order
         for tree in trees:
             if tree is None:
                 orders.append(None)
-                cums.append([0.0])
+                gains.append([])
                 continue
             l = self.acceptance.path_probabilities(tree)
             order = best_first(tree, l)
-            c, acc = [], 0.0
-            for i in order:
-                acc += l[i]
-                c.append(acc)
             orders.append(order)
-            cums.append(c)
-        largest = max(len(c) for c in cums)
-        best_n, best_rate, table = 1, -1.0, []
-        for n in range(1, largest + 1):
-            expected = sum(c[min(n, len(c)) - 1] for c in cums)
-            seconds = self.latency.predict(features(B, n, n * self.kept_fraction if n > 1 else 1, kv))
-            rate = expected / seconds
-            table.append((n, expected, seconds))
-            if rate > best_rate:
-                best_n, best_rate = n, rate
-        self.last_choice = {"n": best_n, "expected": table[best_n - 1][1], "predicted_seconds": table[best_n - 1][2]}
+            gains.append([l[i] for i in order])
+        active = [b for b in range(B) if orders[b] is not None]
+        sizes = [1 if b in active else 0 for b in range(B)]
+        expected = float(len(active))  # every root is a token
+        best = None
+        candidates = self._ragged_additions(gains) if self.ragged else self._shared_additions(gains)
+        for added in candidates:
+            for b in added:
+                expected += gains[b][sizes[b]]
+                sizes[b] += 1
+            T = max(max(sizes, default=0), 1)
+            tokens = sum(sizes) if self.ragged else B * T
+            forward, seconds = self.step_seconds(B, T, kv, max(tokens, 1))
+            if best is None or expected / seconds > best[0]:
+                best = (expected / seconds, list(sizes), expected, forward, T, tokens)
+        _, sizes, expected, forward, T, tokens = best
+        self.last_choice = {"n": T, "tokens": tokens, "sizes": sizes, "expected": expected, "predicted_seconds": forward}
         out = []
-        for tree, order in zip(trees, orders):
+        for b, (tree, order) in enumerate(zip(trees, orders)):
             if order is None:
                 out.append(None)
             else:
-                out.append(tree.subtree(order[:best_n]) if best_n < len(tree) else tree)
+                out.append(tree.subtree(order[: sizes[b]]) if sizes[b] < len(tree) else tree)
         return out
+
+    @staticmethod
+    def _shared_additions(gains: Sequence[Sequence[float]]):
+        """Padded steps: n = 1, 2, ...; each row grows by one node while it has any."""
+        yield []
+        for n in range(1, max((len(g) for g in gains), default=1)):
+            yield [b for b, g in enumerate(gains) if len(g) > n]
+
+    @staticmethod
+    def _ragged_additions(gains: Sequence[Sequence[float]]):
+        """Ragged steps: one node at a time, the most probable next node of any row."""
+        yield []
+        nodes = sorted(((-g[k], k, b) for b, g in enumerate(gains) for k in range(1, len(g))))
+        for _, _, b in nodes:
+            yield [b]
 
     def observe(
         self, trees: Sequence[TokenTree], paths: Sequence[Sequence[int]], seconds: float, batch: int, nodes: int,
-        kv: int, kept: float | None = None,
+        kv: int, kept: float | None = None, tokens: int | None = None,
     ) -> None:
-        """Learn from one verified step: the active rows' trees and accepted paths, and its time."""
+        """Learn from one verified step: the active rows' trees and accepted paths, and its
+        forward's time (`tokens` real nodes in rows padded to `nodes`; padded: batch * nodes)."""
         self.acceptance.observe(trees, paths)
         kept = nodes if kept is None else kept
-        if self.last_choice is not None and self.last_choice["n"] == nodes:  # predicted before it ran
-            self.latency_errors.append(abs(self.last_choice["predicted_seconds"] - seconds) / seconds)
-            self.outcomes.append((self.last_choice["expected"], sum(len(p) for p in paths)))
+        tokens = batch * nodes if tokens is None else tokens
+        choice = self.last_choice
+        if choice is not None and (choice["n"], choice["tokens"]) == (nodes, tokens):  # predicted before it ran
+            self.latency_errors.append(abs(choice["predicted_seconds"] - seconds) / seconds)
+            self.outcomes.append((choice["expected"], sum(len(p) for p in paths)))
         self.last_choice = None
         if nodes > 1:
             self.kept_fraction = 0.9 * self.kept_fraction + 0.1 * (kept / nodes)
-        self.latency.observe(features(batch, nodes, kept, kv), seconds)
+        self.latency.observe(features(batch, nodes, kept, kv, tokens), seconds)
         self.seen_batches.add(batch)
         self.calibrated_steps += 1
+
+    def observe_overhead(self, tokens: int, seconds: float) -> None:
+        """Learn what a step of `tokens` real nodes cost outside its forward."""
+        self.overhead.observe([1.0, float(tokens)], max(seconds, 0.0))
 
 
 def new_planner(model: torch.nn.Module, config) -> TreePlanner:  # config: ProPDConfig
@@ -126,7 +168,7 @@ def new_planner(model: torch.nn.Module, config) -> TreePlanner:  # config: ProPD
     state = state_of(model)
     compiled = state is not None and state.compiled(config, hidden=heads is not None)
     latency = load_calibration(model, compiled) or LatencyModel()
-    return TreePlanner(AcceptanceModel(rank_stats=rank_stats), latency, config.max_tree_nodes)
+    return TreePlanner(AcceptanceModel(rank_stats=rank_stats), latency, config.max_tree_nodes, ragged=config.ragged)
 
 
 class StepTimer:

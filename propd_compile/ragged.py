@@ -99,6 +99,11 @@ def register() -> None:
             AttentionMaskInterface.register(name, ALL_MASK_ATTENTION_FUNCTIONS[base])
 
 
+def takes_ragged_steps(model) -> bool:
+    """Whether the model's attention reads packings (`propd_compile.accelerate` switched it)."""
+    return str(getattr(model.config, "_attn_implementation", "")).startswith("propd_")
+
+
 def model_kwargs(step: RaggedStep | None) -> dict:
     """The keyword arguments that carry a packing to the attention layers."""
     return {} if step is None else {PACK_KWARG: step.pack, FLAT_KWARG: step.flat}

@@ -279,6 +279,8 @@ def package_forward(model: torch.nn.Module, run: Callable, hidden: bool, taps: t
         if B > MAX_BATCH:
             raise ValueError(f"the compiled kernels take up to {MAX_BATCH} rows per step, not {B}; split the batch")
         step = cache.ragged or RaggedStep.of(torch.ones(B, T, dtype=torch.bool, device=device), mask.shape[-1] - T)
+        if step.flat.numel() == 0:  # the kernels' sizes start at 1 (and would fault on 0)
+            raise ValueError("a verification step needs at least one real node; this one has none")
         rows = step.pack[:, -1] if last_only else torch.arange(step.flat.numel(), device=device)
         out = run(_package_inputs(input_ids, mask, position_ids, step, rows, cache))
         logits = out[0].view(B, 1, -1) if last_only else step.unpack(out[0], (B, T))

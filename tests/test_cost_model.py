@@ -68,10 +68,39 @@ def test_predictions_need_data_and_round_trip():
 
 
 def test_calibrate_measures_the_grid_and_reports_held_out_error():
+    import propd_compile
+
     model = tiny_model("llama")
+    plain = calibrate(model, eager_forward(model), batch_sizes=(2,), tree_sizes=(2, 4), kv_lengths=(8,), repeats=1, progress=False)
+    assert [p["sizes"] for p in plain["points"]] == [None, None]  # HF's attention: padded steps only
+    propd_compile.accelerate(model, propd_compile.ProPDConfig(compile=False))  # attention takes ragged steps
     report = calibrate(model, eager_forward(model), batch_sizes=(1, 2), tree_sizes=(1, 4, 16), kv_lengths=(8, 32),
                        repeats=1, progress=False)
-    assert len(report["points"]) == 12 and report["held_out_points"] == 3
+    propd_compile.restore(model)
+    padded = [p for p in report["points"] if p["sizes"] is None]
+    ragged = [p for p in report["points"] if p["sizes"] is not None]
+    assert len(padded) == 12 and len(ragged) == 2  # ragged: batch 2, trees 4 and 16, at the middle KV
+    assert all(p["batch"] == len(p["sizes"]) and p["sizes"][0] == p["tree"] >= max(p["sizes"]) for p in ragged)
+    assert report["held_out_points"] == 4
     assert report["held_out_mape"] >= 0 and all(p["seconds"] > 0 for p in report["points"])
     fit = LatencyModel.from_dict(report["fit"])
     assert fit.predict(features(2, 16, 16, 32)) > 0
+
+
+def test_a_calibration_from_another_propd_is_ignored_not_fatal(tmp_path, monkeypatch, caplog):
+    """A fit saved with other features (an older propd) is skipped with a warning; decoding then
+    measures its own steps instead of failing."""
+    import json
+
+    from propd_compile.cost_model import calibration_path, load_calibration
+
+    monkeypatch.setenv("PROPD_CACHE", str(tmp_path))
+    model = tiny_model("llama")
+    path = calibration_path(model)
+    path.parent.mkdir(parents=True)
+    path.write_text(json.dumps({"fit": {"features": ["1", "B*T"], "coef": [0.1, 0.2], "half_life": 1.0, "ridge": 0.0}}))
+    with caplog.at_level("WARNING"):
+        assert load_calibration(model) is None
+    assert "propd calibrate" in caplog.text and str(path) in caplog.text
+    path.write_text("{not json")
+    assert load_calibration(model) is None

@@ -17,6 +17,7 @@ from propd_compile.drafters import FusedDrafter, NGramDrafter, build_drafter
 from propd_compile.feature_drafter import (
     FeatureDraftModel, FeatureDrafter, drafter_config, load_drafter, save_drafter, tokenizer_identity,
 )
+from propd_compile.processing import NodeProcessing
 from propd_compile.sampling import sampling_rule
 
 ARCHS = ("llama", "qwen2", "mistral")
@@ -262,10 +263,10 @@ def test_sampling_through_the_feature_drafter_draws_the_models_distribution(warp
     drafter = FeatureDrafter(random_draft(model, vocab=torch.arange(V), scale=0.05), max_depth=3, topk=V, frontier=4)
     n = 3000
     ids = torch.tensor([PROMPT] * n)
-    rule = sampling_rule(LogitsProcessorList(WARPERS[warp]), torch.Generator().manual_seed(2))
     out, stats = tree_generate(
         model, ids, torch.ones_like(ids), max_new_tokens=3, eos_token_ids=[], pad_token_id=PAD,
-        drafter=drafter, max_tree_nodes=12, accept=rule,
+        drafter=drafter, max_tree_nodes=12, accept=sampling_rule(torch.Generator().manual_seed(2)),
+        process=NodeProcessing(LogitsProcessorList(WARPERS[warp]), ids),
     )
     assert stats.mean_accepted > 1.2  # the drafts were used
     assert _chi_square_p_value(out[:, len(PROMPT):], _exact_joint(model, WARPERS[warp])) > 1e-3

@@ -72,6 +72,53 @@ def test_plan_maximises_expected_tokens_per_second_over_a_nested_family(rows, ba
             }
 
 
+@settings(deadline=None, max_examples=150)
+@given(
+    rows=st.lists(st.one_of(candidate(), st.none()), min_size=1, max_size=3).filter(lambda r: any(t is not None for t in r)),
+    base=st.floats(0.01, 0.1), step_cost=st.floats(0.0, 0.1), per_token=st.floats(0.0, 0.02),
+)
+def test_ragged_plan_gives_each_row_its_own_size_and_is_optimal(rows, base, step_cost, per_token):
+    """With a step cost that depends on the real node count N only, the ragged plan is the best of
+    every per-row size assignment (each row a best-first prefix, finished rows nothing): nodes
+    join by path probability, so for every N the plan holds the most expected tokens."""
+    import itertools
+
+    acceptance = AcceptanceModel(calibrator=Calibrator())
+    latency = LatencyModel(coef=[base, step_cost, 0.0, 0.0, per_token, 0.0, 0.0, 0.0])
+    planner = TreePlanner(acceptance, latency, max_nodes=20, ragged=True)
+    rows = [t if t is None else t.subtree(list(range(min(len(t), 6)))) for t in rows]  # small enough to enumerate
+    out = planner.plan(rows, kv=100)
+    ls = [None if t is None else acceptance.path_probabilities(t) for t in rows]
+    orders = [None if t is None else best_first(t, l) for t, l in zip(rows, ls)]
+
+    def rate(sizes):
+        expected = sum(sum(ls[b][i] for i in orders[b][:n]) for b, n in enumerate(sizes) if orders[b] is not None)
+        return expected / planner.step_seconds(len(rows), max(sizes), 100, sum(sizes))[1]
+
+    ranges = [range(0, 1) if t is None else range(1, len(t) + 1) for t in rows]
+    best = max(rate(s) for s in itertools.product(*ranges))
+    sizes = planner.last_choice["sizes"]
+    assert rate(sizes) == pytest.approx(best, rel=1e-9)
+    for b, (tree, planned) in enumerate(zip(rows, out)):
+        if tree is None:
+            assert planned is None and sizes[b] == 0
+            continue
+        assert len(planned) == sizes[b] >= 1
+        assert ancestor_closed(tree, set(orders[b][: sizes[b]]))
+        assert planned == (tree.subtree(orders[b][: sizes[b]]) if sizes[b] < len(tree) else tree)
+
+
+def test_the_step_cost_counts_what_happens_around_the_forward():
+    """Drafting and bookkeeping learnt per node make large trees less attractive."""
+    tree = TokenTree((1, 2, 3, 4), (-1, 0, 1, 2), (1.0, 0.6, 0.5, 0.4))
+    planner = TreePlanner(AcceptanceModel(), fixed_latency(0.05, 0.0, 0.001), max_nodes=4, ragged=True)
+    assert len(planner.plan([tree], kv=10)[0]) == 4
+    for n in (1, 2, 3, 4, 1, 4):
+        planner.observe_overhead(n, 0.1 * n)  # each node costs 100 ms around the forward
+    assert planner.step_seconds(1, 4, 10, 4)[1] == pytest.approx(0.05 + 0.004 + 0.4, rel=1e-3)
+    assert len(planner.plan([tree], kv=10)[0]) == 1
+
+
 def test_poor_drafts_fall_back_to_plain_steps():
     tree = TokenTree((1, 2, 3, 4), (-1, 0, 1, 2), (1.0, 0.02, 0.01, 0.005))
     planner = TreePlanner(AcceptanceModel(), fixed_latency(0.05, 0.03, 0.001), max_nodes=4)

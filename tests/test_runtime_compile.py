@@ -41,7 +41,7 @@ def steps(draw):
     mask = torch.cat([valid[:, None, :].expand(B, T, prefix), anc.repeat(B, 1, 1)], 2)[:, None]
     ids = torch.tensor(draw(st.lists(st.lists(st.integers(0, VOCAB - 1), min_size=T, max_size=T), min_size=B, max_size=B)))
     depth = anc.sum(1) - 1
-    sizes = draw(st.lists(st.integers(0, T), min_size=B, max_size=B))
+    sizes = draw(st.lists(st.integers(0, T), min_size=B, max_size=B).filter(any))  # a step has a real node
     nodes = (torch.arange(T)[None] < torch.tensor(sizes)[:, None]) if draw(st.booleans()) else None
     last_only = nodes is None and draw(st.booleans())
     return ids, mask, (prefix + depth).repeat(B, 1), draw(st.integers(0, 2**31 - 1)), nodes, last_only
