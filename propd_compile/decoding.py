@@ -85,8 +85,7 @@ def eager_forward(model: torch.nn.Module, hidden: bool = False, taps: tuple[int,
         return hidden_forward(model, taps)
 
     def forward(input_ids, mask, position_ids, cache, last_only: bool = False):
-        step = cache.ragged
-        ids, pos = (step.pack_tokens(input_ids), step.pack_tokens(position_ids)) if step else (input_ids, position_ids)
+        step, ids, pos = _packed(cache, input_ids, position_ids)
         logits = model(
             input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
             logits_to_keep=int(last_only), **model_kwargs(step),
@@ -94,6 +93,14 @@ def eager_forward(model: torch.nn.Module, hidden: bool = False, taps: tuple[int,
         return step.unpack(logits, input_ids.shape) if step else logits
 
     return forward
+
+
+def _packed(cache, input_ids: torch.Tensor, position_ids: torch.Tensor):
+    """(the step's packing or None, token ids, positions): packed [1, N] on a ragged step."""
+    step = cache.ragged
+    if step is None:
+        return None, input_ids, position_ids
+    return step, step.pack_tokens(input_ids), step.pack_tokens(position_ids)
 
 
 def hidden_forward(model: torch.nn.Module, taps: tuple[int, ...] = ()) -> Forward:
@@ -105,8 +112,7 @@ def hidden_forward(model: torch.nn.Module, taps: tuple[int, ...] = ()) -> Forwar
     base, lm_head = model.base_model, model.get_output_embeddings()
 
     def forward(input_ids, mask, position_ids, cache, last_only: bool = False):
-        step = cache.ragged
-        ids, pos = (step.pack_tokens(input_ids), step.pack_tokens(position_ids)) if step else (input_ids, position_ids)
+        step, ids, pos = _packed(cache, input_ids, position_ids)
         out = base(
             input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
             output_hidden_states=bool(taps), **model_kwargs(step),

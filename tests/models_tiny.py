@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import torch
+from hypothesis import strategies as st
 from transformers import (
     GPT2Config,
     GPT2LMHeadModel,
@@ -74,3 +75,38 @@ def tiny_tokenizer():
     )
     tok.padding_side = "left"
     return tok
+
+
+@st.composite
+def tree_steps(draw, ragged: bool | None = None):
+    """A verification step: B rows of one random tree of T nodes over a KV prefix with holes,
+    (ids, mask, positions, nodes, seed). `nodes` [B, T] marks the real nodes of a ragged step
+    (row b's first sizes[b]; 0: a finished row; some row has one), or is None for a dense step;
+    ragged=None draws which."""
+    B, T, prefix = draw(st.integers(1, 4)), draw(st.integers(1, 12)), draw(st.integers(1, 30))
+    parents = [-1] + [draw(st.integers(0, i - 1)) for i in range(1, T)]
+    anc = torch.eye(T, dtype=torch.bool)
+    for i in range(1, T):
+        anc[i] |= anc[parents[i]]
+    valid = torch.tensor(draw(st.lists(st.lists(st.booleans(), min_size=prefix, max_size=prefix), min_size=B, max_size=B)))
+    valid[:, -1] = True
+    mask = torch.cat([valid[:, None, :].expand(B, T, prefix), anc.repeat(B, 1, 1)], 2)[:, None]
+    ids = torch.tensor(draw(st.lists(st.lists(st.integers(0, VOCAB - 1), min_size=T, max_size=T), min_size=B, max_size=B)))
+    nodes = None
+    if ragged or (ragged is None and draw(st.booleans())):
+        sizes = torch.tensor(draw(st.lists(st.integers(0, T), min_size=B, max_size=B).filter(any)))
+        nodes = torch.arange(T)[None] < sizes[:, None]
+    positions = (prefix + anc.sum(1) - 1).repeat(B, 1)
+    return ids, mask, positions, nodes, draw(st.integers(0, 2**31 - 1))
+
+
+def twin_caches(model, batch: int, length: int, seed: int):
+    """Two runtime KV caches holding the same random entries (to compare two forwards on)."""
+    from propd_compile.cache import TreeKVCache
+
+    caches = [TreeKVCache.for_model(model, batch, length) for _ in range(2)]
+    g = torch.Generator().manual_seed(seed)
+    for a, b in zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values):
+        a.normal_(generator=g)
+        b.copy_(a)
+    return caches

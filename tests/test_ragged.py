@@ -7,9 +7,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import propd_compile
-from models_tiny import ARCHS, VOCAB, hf_greedy, left_padded, tiny_model
+from models_tiny import ARCHS, hf_greedy, left_padded, tiny_model, tree_steps, twin_caches
 from propd_compile import ProPDConfig
-from propd_compile.cache import TreeKVCache
 from propd_compile.decoding import eager_forward
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
@@ -27,38 +26,15 @@ def accelerated():
         propd_compile.restore(model)
 
 
-@st.composite
-def ragged_steps(draw):
-    """B rows of one random tree of T nodes over a KV prefix with holes; row b's first sizes[b]
-    nodes are real (0: a finished row)."""
-    B, T, prefix = draw(st.integers(1, 4)), draw(st.integers(1, 10)), draw(st.integers(1, 20))
-    parents = [-1] + [draw(st.integers(0, i - 1)) for i in range(1, T)]
-    anc = torch.eye(T, dtype=torch.bool)
-    for i in range(1, T):
-        anc[i] |= anc[parents[i]]
-    valid = torch.tensor(draw(st.lists(st.lists(st.booleans(), min_size=prefix, max_size=prefix), min_size=B, max_size=B)))
-    valid[:, -1] = True
-    mask = torch.cat([valid[:, None, :].expand(B, T, prefix), anc.repeat(B, 1, 1)], 2)[:, None]
-    ids = torch.tensor(draw(st.lists(st.lists(st.integers(0, VOCAB - 1), min_size=T, max_size=T), min_size=B, max_size=B)))
-    sizes = torch.tensor(draw(st.lists(st.integers(0, T), min_size=B, max_size=B).filter(any)))  # a step has a real node
-    nodes = torch.arange(T)[None] < sizes[:, None]
-    positions = (prefix + anc.sum(1) - 1).repeat(B, 1)
-    return ids, mask, positions, nodes, draw(st.integers(0, 2**31 - 1))
-
-
 @pytest.mark.parametrize("arch", ARCHS)
 @settings(max_examples=25, **SETTINGS)
-@given(step=ragged_steps())
+@given(step=tree_steps(ragged=True))
 def test_a_ragged_step_equals_the_padded_step_at_real_nodes(accelerated, arch, step):
     model = accelerated[arch]
     ids, mask, pos, nodes, seed = step
     forward = eager_forward(model, hidden=True)
     B, S = ids.shape[0], mask.shape[-1]
-    caches = [TreeKVCache.for_model(model, B, S + 2) for _ in range(2)]
-    g = torch.Generator().manual_seed(seed)
-    for a, b in zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values):
-        a.normal_(generator=g)
-        b.copy_(a)
+    caches = twin_caches(model, B, S + 2, seed)
     before = [k.clone() for k in caches[0].keys + caches[0].values]
     caches[0].begin_step(mask, nodes)
     caches[1].begin_step(mask)

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch._dynamo.utils import counters
 
 import propd_compile
-from models_tiny import VOCAB, hf_greedy, left_padded, tiny_model
+from models_tiny import VOCAB, hf_greedy, left_padded, tiny_model, tree_steps, twin_caches
 from propd_compile import ProPDConfig, accelerate, restore
 from propd_compile.cache import TreeKVCache
 from propd_compile.decoding import eager_forward
@@ -26,40 +26,17 @@ def _builds() -> int:
     return counters["propd"]["packages_built"]
 
 
-@st.composite
-def steps(draw):
-    """A verification step: B rows, one random tree of T nodes each, a KV prefix with holes, and
-    which nodes are real (rows verifying fewer nodes, finished rows: a ragged step), or all; a
-    dense step may want its last position's logits only (what a prefill asks)."""
-    B, T, prefix = draw(st.integers(1, 4)), draw(st.integers(1, 12)), draw(st.integers(1, 30))
-    parents = [-1] + [draw(st.integers(0, i - 1)) for i in range(1, T)]
-    anc = torch.eye(T, dtype=torch.bool)
-    for i in range(1, T):
-        anc[i] |= anc[parents[i]]
-    valid = torch.tensor(draw(st.lists(st.lists(st.booleans(), min_size=prefix, max_size=prefix), min_size=B, max_size=B)))
-    valid[:, -1] = True
-    mask = torch.cat([valid[:, None, :].expand(B, T, prefix), anc.repeat(B, 1, 1)], 2)[:, None]
-    ids = torch.tensor(draw(st.lists(st.lists(st.integers(0, VOCAB - 1), min_size=T, max_size=T), min_size=B, max_size=B)))
-    depth = anc.sum(1) - 1
-    sizes = draw(st.lists(st.integers(0, T), min_size=B, max_size=B).filter(any))  # a step has a real node
-    nodes = (torch.arange(T)[None] < torch.tensor(sizes)[:, None]) if draw(st.booleans()) else None
-    last_only = nodes is None and draw(st.booleans())
-    return ids, mask, (prefix + depth).repeat(B, 1), draw(st.integers(0, 2**31 - 1)), nodes, last_only
-
-
 @settings(max_examples=25, **SETTINGS)
-@given(step=steps())
-def test_the_package_computes_the_eager_forward(compiled_llama, step):
+@given(step=tree_steps(), last=st.booleans())
+def test_the_package_computes_the_eager_forward(compiled_llama, step, last):
+    """Every step shape, dense or ragged, and a dense step's last-position logits (a prefill's)."""
     model, config = compiled_llama
-    ids, mask, pos, seed, nodes, last_only = step
+    ids, mask, pos, nodes, seed = step
+    last_only = last and nodes is None
     forward = model.propd.forward(config, hidden=True)
     eager = eager_forward(model, hidden=True)
     B, S = ids.shape[0], mask.shape[-1]
-    caches = [TreeKVCache.for_model(model, B, S + 3) for _ in range(2)]
-    g = torch.Generator().manual_seed(seed)
-    for a, b in zip(caches[0].keys + caches[0].values, caches[1].keys + caches[1].values):
-        a.normal_(generator=g)
-        b.copy_(a)
+    caches = twin_caches(model, B, S + 3, seed)
     for c in caches:
         c.begin_step(mask, nodes)
     got, ref = forward(ids, mask, pos, caches[0], last_only), eager(ids, mask, pos, caches[1], last_only)
