@@ -1,4 +1,4 @@
-"""Sweep ProPD's early pruning on SmolLM2-135M-Instruct / MT-Bench (#5): L_e x k, same run.
+"""Sweep ProPD's early pruning on SmolLM2-135M-Instruct / MT-Bench: L_e x k, same run.
 
 For every prune layer L_e (early head from --heads DIR/layer<L_e> when present, else the logit
 lens; --lens adds the lens next to a head) and every k, decodes the same MT-Bench turn-1 prompts

@@ -1,4 +1,4 @@
-"""Early predictors (#5): logit lens, trained early head, persistence, recall, config resolution."""
+"""Early predictors: logit lens, trained early head, persistence, recall, config resolution."""
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,4 @@
-"""Early pruning (#5): the keep rule, the prune pass on captured graphs, and the compiled graph.
+"""Early pruning: the keep rule, the prune pass on captured graphs, and the compiled graph.
 
 The compiled tests compile one tiny model once per configuration (dynamic=True, prune point after
 layer 1 of 4, logit-lens predictor): the batch > 1 tree graph for the logits property, the batch-1
