@@ -114,8 +114,7 @@ def new_planner(model: torch.nn.Module, config) -> TreePlanner:  # config: ProPD
     heads = heads_for(config, model)
     rank_stats = None
     if heads is not None:
-        acc = (heads.accuracy or {}).get("rank_accuracy")
-        rank_stats = RankStats.warm(acc, ranks=config.heads_topk) if acc else RankStats(heads.num_heads, config.heads_topk)
+        rank_stats = RankStats.for_heads(heads, config.heads_topk)
     latency = load_calibration(model, config.compile) or LatencyModel()
     return TreePlanner(AcceptanceModel(rank_stats=rank_stats), latency, config.max_tree_nodes)
 
