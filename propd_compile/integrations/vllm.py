@@ -47,6 +47,7 @@ TRIE_BUDGET = 256  # nodes of the n-gram trie the best path is taken from
 # engine waiting for requests, a stall) is not learned from
 OUTLIER = 4.0
 RECENT = 32
+HEADS_PROBE = 8
 
 
 def check_vllm() -> str:
@@ -149,6 +150,13 @@ class _HeadsTap:
         model.compute_logits = compute_logits
         log.info("propd proposer: n-gram drafts fused with draft heads from %s (on the hidden states vLLM samples "
                  "from), up to %d tokens per request and step", path, max_depth)
+
+    def skip(self, rows: Sequence[_Row | None]) -> None:
+        """No heads this step: their tables would be stale at the next."""
+        self.hidden = None
+        for r in rows:
+            if r is not None:
+                r.heads_top = None
 
     def trees(self, rows: Sequence[_Row | None], sampled: Sequence[Sequence[int]], scheduled: Sequence[int],
               new_tokens: Sequence[np.ndarray | None]) -> list[TokenTree | None]:
@@ -293,7 +301,15 @@ class ProPDProposer:
             else:
                 self.skipped_steps += 1
             self.recent = [*self.recent[-RECENT + 1 :], seconds]
-        heads = self.heads.trees(rows, sampled_token_ids, scheduled, new_tokens) if self.heads else [None] * B
+        heads = [None] * B
+        if self.heads is not None:
+            # the heads cost a small forward per row: only while the planner speculates, and every
+            # HEADS_PROBE steps (so that it sees what they would add)
+            drafting = self.last_plan is not None and any(self.last_plan.lengths)
+            if drafting or self.planner.plans % HEADS_PROBE == 0:
+                heads = self.heads.trees(rows, sampled_token_ids, scheduled, new_tokens)
+            else:
+                self.heads.skip(rows)
         chains: list[TokenTree | None] = [None] * B
         for i, row in enumerate(rows):
             if row is None:

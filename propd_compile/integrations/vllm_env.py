@@ -93,10 +93,14 @@ def ensure(path: Path | None = None, progress: bool = False) -> Path:
 
 
 def engine_environment(threads: int = 1, kv_cache_gib: int = 1) -> dict[str, str]:
-    """Environment for vLLM processes on a shared CPU box: few threads, a small KV cache, offline."""
+    """Environment for vLLM processes on a shared CPU box: few threads, a small KV cache, offline.
+
+    NUMBA_NUM_THREADS caps the thread pool of vLLM's n-gram proposer (numba parallel loops): left
+    at the core count, its threads compete with torch's for the cores after every step (measured
+    here: vLLM's `ngram` 2-3x slower per step on 2 shared cores)."""
     env = dict(os.environ)
     env.update({
-        "OMP_NUM_THREADS": str(threads), "VLLM_CPU_OMP_THREADS_BIND": "nobind",
+        "OMP_NUM_THREADS": str(threads), "NUMBA_NUM_THREADS": str(threads), "VLLM_CPU_OMP_THREADS_BIND": "nobind",
         "VLLM_CPU_KVCACHE_SPACE": str(kv_cache_gib), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
         "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
     })
