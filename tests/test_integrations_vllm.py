@@ -297,7 +297,8 @@ def greedy_run(vllm_python, tmp_path_factory):
     cmd = [str(vllm_python), "-m", "propd_compile.integrations.vllm_run", "--model", str(vllm_env.model_dir()),
            "--out", str(out), "--methods", "none", "propd", "--concurrency", "4",
            "--per-category", str(PROMPTS_PER_CATEGORY), "--max-tokens", str(MAX_TOKENS)]
-    proc = subprocess.run(cmd, env=vllm_env.engine_environment(), capture_output=True, text=True, timeout=1200)
+    env = {**vllm_env.engine_environment(), "PROPD_VLLM_CHECK_TAP": "1"}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-6000:]
     return json.loads(out.read_text()), proc.stderr
 
@@ -311,6 +312,8 @@ def test_greedy_outputs_with_the_propd_proposer_are_vllms_own(greedy_run):
         assert mine["token_ids"] == base["token_ids"], f"MT-Bench question {base['id']} ({base['category']})"
     stats = report["proposer_stats"]["propd"]
     assert stats["heads"], "the shipped SmolLM2 heads were not used"
+    # the hidden states the heads read are the ones vLLM sampled each request's newest token from
+    assert stats["tap_checked"] > 100 and stats["tap_mismatched"] == 0, stats
     assert stats["accepted"] > 0 and stats["drafted"] > stats["accepted"], stats  # it did speculate
 
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import os
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -123,6 +123,10 @@ class _HeadsTap:
         self.drafter: HeadsDrafter | None = None
         self.rank_stats: RankStats | None = None
         self.hidden = None
+        # PROPD_VLLM_CHECK_TAP=1 (tests): check every picked hidden state against vLLM's own greedy
+        # token; the LM head on the state that predicted a request's newest token gives that token
+        self.check = os.environ.get("PROPD_VLLM_CHECK_TAP") == "1"
+        self.checked = self.mismatched = 0
         if path is None:
             return
         try:
@@ -179,7 +183,13 @@ class _HeadsTap:
         d.start([[s[-1]] if s else [0] for s in sampled])
         if live:
             picks = torch.as_tensor([starts[i] + len(sampled[i]) - 1 for i in live], device=hidden.device)
-            d.set_hidden(live, hidden.index_select(0, picks))
+            picked = hidden.index_select(0, picks)
+            if self.check:
+                with torch.no_grad():
+                    greedy = self.target(picked).argmax(-1).tolist()
+                self.checked += len(live)
+                self.mismatched += sum(g != sampled[i][-1] for g, i in zip(greedy, live))
+            d.set_hidden(live, picked)
         out: list[TokenTree | None] = [None] * len(rows)
         for i in live:
             rows[i].heads_top = d.top[i]
@@ -338,7 +348,10 @@ class ProPDProposer:
         t = {k: v + sum(getattr(r, k) for r in live) for k, v in self.totals.items() if k != "requests"}
         errs = self.planner.latency_errors
         return {
-            "requests": self.totals["requests"] + len(live), "heads": self.heads is not None, **t, "mean_draft": t["drafted"] / max(t["steps"], 1),
+            "requests": self.totals["requests"] + len(live), "heads": self.heads is not None, **t,
+            "mean_draft": t["drafted"] / max(t["steps"], 1),
+            "tap_checked": self.heads.checked if self.heads else 0,
+            "tap_mismatched": self.heads.mismatched if self.heads else 0,
             "latency_mape": sum(errs) / len(errs) if errs else None, "latency_steps": self.planner.measured,
             "latency_skipped": self.skipped_steps,
         }
