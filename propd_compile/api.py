@@ -1,80 +1,68 @@
 """`accelerate(model)`: the same model object, with `generate` decoding token trees.
 
-`generate` keeps the Hugging Face habits (input_ids, attention_mask, max_new_tokens,
-eos_token_id, stopping_criteria, streamer, generation_config, do_sample with temperature, top_k,
-top_p, ...) and refuses, with the fix, what would change its output: beams, and logits processors
-that need the exact token history of every tree node.
+`generate` keeps the Hugging Face habits: it prepares the call with HF's own code (generation
+config, special tokens, lengths, logits processors, stopping criteria), so input_ids,
+attention_mask, max_new_tokens, eos_token_id, stopping_criteria, stop_strings (with tokenizer=),
+streamer, generation_config, the logits processors HF builds (repetition penalty, no-repeat
+n-grams, min length, bad words, ...) and user `logits_processor=` lists, do_sample with its
+warpers, num_return_sequences and output_scores / output_logits behave as in HF's `generate`
+(`processing.py` runs the processors on every tree node's exact history). What token trees
+cannot run (beams, contrastive search, assisted decoding, ...) is refused with the reason.
 """
 from __future__ import annotations
 
-import copy
 import functools
 import types
-from typing import Any, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import torch
-from transformers import GenerationConfig, LogitsProcessorList
-from transformers.generation.logits_process import (
-    EpsilonLogitsWarper,
-    EtaLogitsWarper,
-    InfNanRemoveLogitsProcessor,
-    LogitNormalization,
-    MinPLogitsWarper,
-    TemperatureLogitsWarper,
-    TopHLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-    TypicalLogitsWarper,
-)
+from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
+from transformers.generation.configuration_utils import GenerationMode
+from transformers.generation.stopping_criteria import EosTokenCriteria, MaxLengthCriteria
 
 from propd_compile.config import ProPDConfig
-from propd_compile.decoding import AcceptRule, greedy_rule, tree_generate
+from propd_compile.decoding import greedy_rule, tree_generate
 from propd_compile.drafters import build_drafter
+from propd_compile.processing import NodeProcessing
 from propd_compile.sampling import sampling_rule
+from propd_compile import ragged
 from propd_compile.state import attach, detach, state_of
 
 SUPPORTED_ATTENTION = ("sdpa", "eager")
-# generation_config fields that add logits processors or change the search: refused unless default.
-_REFUSED_FIELDS = (
-    "num_beams",
-    "num_beam_groups",
-    "penalty_alpha",
-    "repetition_penalty",
-    "encoder_repetition_penalty",
-    "no_repeat_ngram_size",
-    "encoder_no_repeat_ngram_size",
-    "bad_words_ids",
-    "force_words_ids",
-    "constraints",
-    "min_length",
-    "min_new_tokens",
-    "forced_bos_token_id",
-    "forced_eos_token_id",
-    "suppress_tokens",
-    "begin_suppress_tokens",
-    "sequence_bias",
-    "exponential_decay_length_penalty",
-    "renormalize_logits",
-    "guidance_scale",
-    "watermarking_config",
-    "assistant_model",
-    "prompt_lookup_num_tokens",
-    "num_return_sequences",
-    "stop_strings",
-)
-# Processors whose output depends on the scores alone: one call per tree node needs no history.
-_HISTORY_FREE = (
-    TemperatureLogitsWarper,
-    TopHLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-    MinPLogitsWarper,
-    TypicalLogitsWarper,
-    EpsilonLogitsWarper,
-    EtaLogitsWarper,
-    InfNanRemoveLogitsProcessor,
-    LogitNormalization,
-)
+_BEAMS = (("num_beams", "num_beam_groups", "force_words_ids", "constraints"),
+          "beam search keeps several hypotheses per row and reorders them every step; a token tree verifies one "
+          "continuation per row")
+_ASSISTED = "assisted and prompt-lookup decoding are another speculative decoder; propd drafts its own token trees"
+# HF generation modes other than greedy and sampling: the fields that select them, and why token
+# trees do not run them.
+_REFUSED_MODES = {
+    GenerationMode.BEAM_SEARCH: _BEAMS,
+    GenerationMode.BEAM_SAMPLE: _BEAMS,
+    GenerationMode.GROUP_BEAM_SEARCH: _BEAMS,
+    GenerationMode.CONSTRAINED_BEAM_SEARCH: _BEAMS,
+    GenerationMode.CONTRASTIVE_SEARCH: (("penalty_alpha", "top_k"), (
+        "contrastive search re-ranks candidates by the similarity of their hidden states to the past ones, which "
+        "tree verification does not compute")),
+    GenerationMode.ASSISTED_GENERATION: (("prompt_lookup_num_tokens",), _ASSISTED),
+    GenerationMode.DOLA_GENERATION: (("dola_layers",), (
+        "DoLa contrasts early-layer logits with the final ones, which tree verification does not return")),
+}
+# generation_config fields (set and not at their no-op value) that need more than each node's history.
+_REFUSED_FIELDS = {
+    "guidance_scale": "classifier-free guidance runs a second, unconditional forward with its own cache every step",
+    "encoder_no_repeat_ngram_size": "its processor matches n-grams per batch row and beam, which tree nodes do not map to",
+    "watermarking_config": "watermarking processors keep state across calls, and tree nodes are scored speculatively",
+    "token_healing": "token healing rewrites the prompt with the tokenizer before decoding",
+}
+# generate() arguments that need more than each node's history.
+_REFUSED_ARGUMENTS = {
+    "prefix_allowed_tokens_fn": "the function receives each row's batch index, which tree nodes do not map to",
+    "negative_prompt_ids": _REFUSED_FIELDS["guidance_scale"],
+    "negative_prompt_attention_mask": _REFUSED_FIELDS["guidance_scale"],
+    "assistant_model": _ASSISTED,
+}
+_ARGUMENTS = {"attention_mask", "logits_processor", "stopping_criteria", "streamer", "use_cache", "tokenizer"}
 
 
 def _check_model(model: torch.nn.Module) -> None:
@@ -89,7 +77,7 @@ def _check_model(model: torch.nn.Module) -> None:
             f"{name} has no language-model head; load it with AutoModelForCausalLM.from_pretrained(...) instead"
         )
     impl = getattr(config, "_attn_implementation", None)
-    if impl not in SUPPORTED_ATTENTION:
+    if impl not in SUPPORTED_ATTENTION and impl not in [f"propd_{a}" for a in SUPPORTED_ATTENTION]:
         raise ValueError(
             f"{name} uses attn_implementation={impl!r}, which cannot take a 4D tree mask; "
             'call model.set_attn_implementation("sdpa") (or load with attn_implementation="sdpa")'
@@ -101,46 +89,91 @@ def _text_config(model: torch.nn.Module):
     return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
 
 
-def _resolve_generation(model, kwargs: dict[str, Any]) -> tuple[GenerationConfig, dict[str, Any]]:
-    gen = kwargs.pop("generation_config", None) or model.generation_config
-    gen = copy.deepcopy(gen)
-    model_kwargs = gen.update(**kwargs)
-    return gen, model_kwargs
+def _refused(what: str, why: str) -> NotImplementedError:
+    return NotImplementedError(
+        f"propd generate does not support {what}: {why}; unset it, or call propd_compile.restore(model) "
+        "to use the original generate"
+    )
 
 
 def _refuse_unsupported(gen: GenerationConfig, model_kwargs: dict[str, Any]) -> None:
-    default = GenerationConfig()
-    bad = [f for f in _REFUSED_FIELDS if getattr(gen, f, None) != getattr(default, f, None)]
-    if bad:
-        raise NotImplementedError(
-            f"propd generate does not support {', '.join(f'{f}={getattr(gen, f)!r}' for f in bad)}; "
-            "unset them, or call propd_compile.restore(model) to use the original generate"
-        )
-    if gen.return_dict_in_generate and (gen.output_scores or gen.output_logits or gen.output_hidden_states):
-        raise NotImplementedError("propd generate returns sequences only (no scores, logits or hidden states)")
-    unknown = set(model_kwargs) - {"attention_mask", "logits_processor", "stopping_criteria", "streamer", "use_cache"}
+    for name, why in _REFUSED_ARGUMENTS.items():
+        if model_kwargs.get(name) is not None:
+            raise _refused(name, why)
+    mode = gen.get_generation_mode()
+    if mode in _REFUSED_MODES:
+        fields, why = _REFUSED_MODES[mode]
+        chosen = ", ".join(f"{f}={getattr(gen, f)!r}" for f in fields if getattr(gen, f, None) is not None)
+        raise _refused(f"{mode.value} ({chosen})", why)
+    for name, why in _REFUSED_FIELDS.items():
+        value = getattr(gen, name, None)
+        if value not in (None, False, 0) and not (name == "guidance_scale" and value == 1):
+            raise _refused(f"{name}={value!r}", why)
+    if gen.return_dict_in_generate:
+        for name in ("output_attentions", "output_hidden_states"):
+            if getattr(gen, name):
+                raise _refused(f"{name}=True", "tree verification returns no attentions or hidden states per emitted token")
+    unknown = set(model_kwargs) - _ARGUMENTS - set(_REFUSED_ARGUMENTS) - {"output_attentions", "output_hidden_states"}
     if unknown:
         raise TypeError(f"propd generate got unsupported arguments: {sorted(unknown)}")
-    if model_kwargs.get("logits_processor"):
-        raise NotImplementedError("propd generate does not take logits processors (they could change the output)")
 
 
-def _accept_rule(
-    model: torch.nn.Module, gen: GenerationConfig, config: ProPDConfig, generator: torch.Generator | None, device
-) -> AcceptRule:
-    """Greedy, or sampling through the processors HF's own generate would build for `gen`."""
-    if not gen.do_sample:
-        return greedy_rule
-    processors = model._get_logits_processor(gen, device=device)
-    history = [type(p).__name__ for p in processors if not isinstance(p, _HISTORY_FREE)]
-    if history:
-        raise NotImplementedError(
-            f"propd generate does not support the logits processors {history}: their output depends on the "
-            "token history of each tree node; unset the options that add them, or call "
-            "propd_compile.restore(model) to use the original generate"
-        )
-    return sampling_rule(
-        LogitsProcessorList(processors), generator, config.acceptance, config.posterior_threshold, config.posterior_alpha
+@dataclass
+class _Call:
+    """One `generate` call as HF's generate prepares it (rows expanded for num_return_sequences)."""
+
+    gen: GenerationConfig
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    max_new_tokens: int
+    eos_token_ids: list[int]
+    pad_token_id: int
+    processors: LogitsProcessorList
+    stopping: StoppingCriteriaList | None
+    streamer: Any
+
+
+def _prepare(model: torch.nn.Module, input_ids: torch.Tensor, kwargs: dict[str, Any]) -> _Call:
+    """What HF's `generate` prepares before decoding, by its own code, in its order."""
+    user_gen = kwargs.pop("generation_config", None)
+    unset = lambda field: (  # noqa: E731 - HF's has_default_max_length / has_default_min_length
+        kwargs.get(field) is None and (user_gen is None or getattr(user_gen, field) is None)
+        and getattr(model.generation_config, field) is None
+    )
+    default_max, default_min = unset("max_length"), unset("min_length")
+    gen, model_kwargs = model._prepare_generation_config(user_gen, **kwargs)
+    _refuse_unsupported(gen, model_kwargs)
+    mask = model_kwargs.get("attention_mask")
+    if mask is None:
+        mask = torch.ones_like(input_ids)
+    _check_prompt(input_ids, mask)
+    B, P = input_ids.shape
+    device = input_ids.device
+    model._prepare_special_tokens(gen, model_kwargs.get("attention_mask") is not None, device=device, batch_size=B)
+    prompt = input_ids
+    if gen.num_return_sequences > 1:  # HF: every row repeated in place (sampling only; HF refuses it greedy)
+        input_ids = input_ids.repeat_interleave(gen.num_return_sequences, 0)
+        mask = mask.repeat_interleave(gen.num_return_sequences, 0)
+    gen = model._prepare_generated_length(gen, default_max, default_min, "input_ids", P, input_ids)
+    max_new = gen.max_length - P
+    if max_new < 1:
+        raise ValueError(f"nothing to generate: max_new_tokens={max_new} (prompt of {P} tokens, max_length={gen.max_length})")
+    processors = model._get_logits_processor(
+        gen, input_ids_seq_length=P, encoder_input_ids=prompt,
+        logits_processor=model_kwargs.get("logits_processor") or LogitsProcessorList(), device=device,
+        model_kwargs={"attention_mask": mask},
+    )
+    # HF's stopping criteria; the decode loop stops at EOS and max_new_tokens itself.
+    stopping = model._get_stopping_criteria(
+        gen, model_kwargs.get("stopping_criteria") or StoppingCriteriaList(), tokenizer=model_kwargs.get("tokenizer")
+    )
+    stopping = StoppingCriteriaList(c for c in stopping if type(c) not in (MaxLengthCriteria, EosTokenCriteria))
+    eos = gen._eos_token_tensor
+    eos_ids = [] if eos is None else eos.flatten().tolist()
+    pad = gen._pad_token_tensor
+    return _Call(
+        gen, input_ids, mask, max_new, eos_ids, int(pad) if pad is not None else 0, processors,
+        stopping or None, model_kwargs.get("streamer"),
     )
 
 
@@ -151,9 +184,10 @@ def propd_generate(
     generator: torch.Generator | None = None,
     **kwargs: Any,
 ):
-    """Token-identical to `model.generate(..., do_sample=False)`, decoded with token trees; with
-    `do_sample=True`, distributed exactly as the model's sampling (unless config.acceptance is
-    "typical"). `generator` seeds the draws; without it they come from torch's global RNG."""
+    """Token-identical to `model.generate(..., do_sample=False)` with the same arguments, decoded
+    with token trees; with `do_sample=True`, distributed exactly as the model's sampling (unless
+    config.acceptance is "typical"). `generator` seeds the draws; without it they come from
+    torch's global RNG."""
     state = state_of(model)
     if state is None:
         raise RuntimeError("propd_generate needs an accelerated model: call propd_compile.accelerate(model) first")
@@ -163,51 +197,50 @@ def propd_generate(
         raise ValueError("generate needs input_ids (a [batch, length] tensor of token ids)")
     if input_ids.dim() == 1:
         input_ids = input_ids[None]
-    gen, model_kwargs = _resolve_generation(model, kwargs)
-    _refuse_unsupported(gen, model_kwargs)
+    call = _prepare(model, input_ids, kwargs)
+    gen = call.gen
+    _check_context(model, int(call.attention_mask.sum(1).max()), call.max_new_tokens, config)
 
-    attention_mask = model_kwargs.get("attention_mask")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    _check_prompt(input_ids, attention_mask)
-
-    B, P = input_ids.shape
-    max_new = gen.max_new_tokens if gen.max_new_tokens is not None else gen.max_length - P
-    if max_new < 1:
-        raise ValueError(f"nothing to generate: max_new_tokens={max_new} (prompt of {P} tokens, max_length={gen.max_length})")
-    _check_context(model, int(attention_mask.sum(1).max()), max_new, config)
-
-    eos = gen.eos_token_id
-    eos_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
-    pad = gen.pad_token_id
-    if pad is None:
-        pad = eos_ids[0] if eos_ids else 0
-    stopping = model_kwargs.get("stopping_criteria") or None
-
-    accept = _accept_rule(model, gen, config, generator, input_ids.device)
+    out_scores = bool(gen.return_dict_in_generate and gen.output_scores)
+    out_logits = bool(gen.return_dict_in_generate and gen.output_logits)
+    process = None
+    if call.processors or out_scores or out_logits:
+        process = NodeProcessing(call.processors, call.input_ids, out_scores, out_logits)
+    if gen.do_sample:
+        accept = sampling_rule(generator, config.acceptance, config.posterior_threshold, config.posterior_alpha)
+    else:
+        accept = greedy_rule
     planner = state.planner(config) if config.tree == "dynamic" else None
     drafter = build_drafter(config, model, rank_stats=planner.acceptance.rank_stats if planner else None)
-    forward = state.forward(config, hidden=drafter.needs_hidden)
+    taps = drafter.feature_layers
+    forward = state.forward(config, hidden=drafter.needs_hidden, taps=taps)
+    compiled = state.compiled(config, drafter.needs_hidden, taps)
+    prefill = forward if compiled and not config.prune else None
     sequences, stats = tree_generate(
         model,
-        input_ids,
-        attention_mask,
-        max_new_tokens=max_new,
-        eos_token_ids=eos_ids,
-        pad_token_id=pad,
+        call.input_ids,
+        call.attention_mask,
+        max_new_tokens=call.max_new_tokens,
+        eos_token_ids=call.eos_token_ids,
+        pad_token_id=call.pad_token_id,
         drafter=drafter,
         max_tree_nodes=config.max_tree_nodes,
         forward=forward,
-        stopping_criteria=stopping,
-        streamer=model_kwargs.get("streamer"),
+        prefill=prefill,
+        stopping_criteria=call.stopping,
+        streamer=call.streamer,
         accept=accept,
         planner=planner,
+        process=process,
+        ragged=not config.prune,
     )
+    stats.compiled = compiled
     state.stats = stats
     if gen.return_dict_in_generate:
         from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-        return GenerateDecoderOnlyOutput(sequences=sequences)
+        scores, logits = process.emitted(call.pad_token_id) if process is not None else (None, None)
+        return GenerateDecoderOnlyOutput(sequences=sequences, scores=scores, logits=logits)
     return sequences
 
 
@@ -261,7 +294,11 @@ def accelerate(model: Any = None, config: ProPDConfig | None = None):
         return wrapper
     _check_model(model)
     state = state_of(model)
-    attach(model, config or (state.config if state else ProPDConfig()))
+    state = attach(model, config or (state.config if state else ProPDConfig()))
+    if state.attention is None:  # HF's own attention, able to take ragged steps (propd_compile.ragged)
+        state.attention = model.config._attn_implementation
+        ragged.register()
+        model.set_attn_implementation(f"propd_{state.attention}")
     if "generate" not in vars(model):
         model.generate = types.MethodType(propd_generate, model)
     return model
@@ -272,6 +309,9 @@ def restore(model: torch.nn.Module) -> torch.nn.Module:
     model (compiled graphs, planners, heads) is dropped."""
     if "generate" in vars(model):
         delattr(model, "generate")
+    state = state_of(model)
+    if state is not None and state.attention is not None:
+        model.set_attn_implementation(state.attention)
     detach(model)
     return model
 

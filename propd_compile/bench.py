@@ -35,6 +35,9 @@ from propd_compile.config import ProPDConfig
 from propd_compile.prompts import Question, chat_prompt
 
 
+BASELINE = "hf"
+
+
 @dataclass(frozen=True)
 class Method:
     """How to run one row of the suite: HF `generate` with extra kwargs, or ProPD with config fields."""
@@ -44,12 +47,14 @@ class Method:
     hf_compiled: bool = False  # HF generate with a static cache and the compiled forward
     propd: dict[str, Any] | None = None  # ProPDConfig fields over the base config (a ProPD method)
     max_batch_size: int | None = None  # larger batches: reported unavailable
+    generate: dict[str, Any] | None = None  # extra generate() kwargs of either kind (e.g. a repetition penalty)
+    reference: str = BASELINE  # the method whose outputs this one's must equal (the same generate options)
 
     def runs_at(self, batch_size: int) -> bool:
         return self.max_batch_size is None or batch_size <= self.max_batch_size
 
 
-BASELINE = "hf"
+REPETITION = {"repetition_penalty": 1.2}
 METHODS: dict[str, Method] = {
     BASELINE: Method("HF greedy generate, eager, dynamic cache (the baseline)", hf={}),
     "hf-compiled": Method(
@@ -60,21 +65,41 @@ METHODS: dict[str, Method] = {
         "HF prompt-lookup decoding (prompt_lookup_num_tokens=10; HF's assisted generate takes batch 1 only)",
         hf={"prompt_lookup_num_tokens": 10}, max_batch_size=1,
     ),
-    "ngram": Method("ProPD runtime, n-gram drafter only (training-free)", propd={"drafters": ("ngram",)}),
+    # ProPD's own loop with plain one-token steps: the speculative gain is measured against these,
+    # on the same kernels (eager and compiled), apart from the kernel gain.
+    "plain": Method("ProPD loop, plain one-token steps (max_tree_nodes=1), eager", propd={"max_tree_nodes": 1, "compile": False}),
+    "plain-compiled": Method(
+        "ProPD loop, plain one-token steps, compiled kernels (frozen, autotuned AOTInductor package)",
+        propd={"max_tree_nodes": 1, "compile": True},
+    ),
+    "ngram": Method("ProPD runtime, n-gram drafter only (training-free), eager", propd={"drafters": ("ngram",), "compile": False}),
     # 16 nodes: the best static size on this CPU (a step costs about the same from 2 to 16 tree
     # tokens, ../shared/research/measurements.md), so the static baseline is not a straw man.
-    "medusa": Method("static Medusa tree (16 nodes) from the shipped heads", propd={"tree": "medusa", "max_tree_nodes": 16}),
-    "dynamic": Method("ProPD dynamic tree (heads + n-gram, cost model), no pruning", propd={"tree": "dynamic"}),
-    # The prune point is a compiler pass, so the pruning rows are compiled; `--compile` compiles
-    # every ProPD row, for an ablation where pruning is the only difference.
-    "prune": Method("static Medusa tree (16 nodes) with early pruning (compiled)",
+    "medusa": Method("static Medusa tree (16 nodes) from the shipped heads, eager",
+                     propd={"tree": "medusa", "max_tree_nodes": 16, "compile": False}),
+    "dynamic": Method("ProPD dynamic tree (heads + n-gram, cost model), eager",
+                      propd={"tree": "dynamic", "drafters": ("heads", "ngram"), "compile": False}),
+    "eagle": Method("ProPD dynamic tree (feature drafter + n-gram, cost model), eager",
+                    propd={"tree": "dynamic", "drafters": ("feature", "ngram"), "compile": False}),
+    # The prune point is a pass of the torch.compile backend (its own compiled kernels).
+    "prune": Method("static Medusa tree (16 nodes) with early pruning (torch.compile backend)",
                     propd={"tree": "medusa", "max_tree_nodes": 16, "prune": True, "compile": True}),
-    "propd": Method("ProPD: dynamic tree and early pruning (compiled)",
-                    propd={"tree": "dynamic", "prune": True, "compile": True}),
+    "dynamic-prune": Method("ProPD dynamic tree with early pruning (torch.compile backend)",
+                            propd={"tree": "dynamic", "prune": True, "compile": True}),
+    "propd": Method("ProPD defaults: dynamic tree, heads + n-gram, compiled kernels", propd={"compile": True}),
+    # The same rows with a repetition penalty (per-node logits processing), against HF with it.
+    "hf-rep": Method("HF greedy generate, eager, repetition_penalty=1.2", hf={}, generate=REPETITION),
+    "dynamic-rep": Method("the dynamic row with repetition_penalty=1.2", propd={"tree": "dynamic", "compile": False},
+                          generate=REPETITION, reference="hf-rep"),
+    "propd-rep": Method("the propd row with repetition_penalty=1.2", propd={"compile": True},
+                        generate=REPETITION, reference="hf-rep"),
 }
 # --quick leaves out the compiled methods: their first compile alone takes minutes on a 2-core
-# CPU (the compiled runtime and the prune pass have their own lossless tests).
-QUICK_METHODS = tuple(n for n, m in METHODS.items() if not m.hf_compiled and not (m.propd or {}).get("compile"))
+# CPU (the compiled runtime and the prune pass have their own lossless tests), and the rows with
+# extra generate options (their own real-model tests check them).
+QUICK_METHODS = tuple(
+    n for n, m in METHODS.items() if not m.hf_compiled and not (m.propd or {}).get("compile") and not m.generate
+)
 WARM_UP_TOKENS = 16
 
 
@@ -103,6 +128,9 @@ class Call:
     rows: list[dict] = field(default_factory=list)
     pruned_fraction: float | None = None
     latency_errors: list[float] = field(default_factory=list)  # dynamic trees: the latency model's, per step
+    draft_seconds: float | None = None  # time in the drafters (ProPD methods)
+    steps: int = 0  # verification steps (ProPD methods)
+    outcomes: list[tuple[float, int]] = field(default_factory=list)  # dynamic trees: (expected, accepted) per step
 
     @property
     def new_tokens(self) -> int:
@@ -197,7 +225,8 @@ def prepare(method: Method, model, base: ProPDConfig, gen_kwargs: dict[str, Any]
 
     if method.propd is None:
         hf_generate = type(model).generate  # the original, even on an accelerated model
-        kwargs = {**gen_kwargs, **method.hf, **(_hf_compile_kwargs(max_cache_len) if method.hf_compiled else {})}
+        kwargs = {**gen_kwargs, **method.hf, **(method.generate or {}),
+                  **(_hf_compile_kwargs(max_cache_len) if method.hf_compiled else {})}
         return Runner(lambda enc, n: hf_generate(model, **enc, **kwargs, max_new_tokens=n))
     try:
         config = base.with_(**method.propd)
@@ -205,7 +234,7 @@ def prepare(method: Method, model, base: ProPDConfig, gen_kwargs: dict[str, Any]
     except (TypeError, ValueError, NotImplementedError) as e:
         return f"{type(e).__name__}: {e}"
     return Runner(
-        lambda enc, n: propd_generate(model, config=config, **enc, **gen_kwargs, max_new_tokens=n),
+        lambda enc, n: propd_generate(model, config=config, **enc, **gen_kwargs, **(method.generate or {}), max_new_tokens=n),
         (lambda bs: warm_up(model, config, (1 if bs == 1 else 2,))) if config.compile else None,
     )
 
@@ -230,8 +259,16 @@ def _call(name: str, bs: int, rep: int, batch: int, seconds: float, group: list[
             for p, toks, extra in zip(group, new, per_row)]
     return Call(
         name, bs, rep, batch, seconds, rows, getattr(stats, "pruned_fraction", None),
-        list(getattr(stats, "latency_errors", None) or []),
+        list(getattr(stats, "latency_errors", None) or []), getattr(stats, "draft_seconds", None),
+        getattr(stats, "steps", 0), list(getattr(stats, "outcomes", None) or []),
     )
+
+
+def _draft_cost(calls: list[Call]) -> dict:
+    """Mean drafting milliseconds per verification step and the drafters' share of the time."""
+    steps, seconds = sum(c.steps for c in calls), sum(c.seconds for c in calls)
+    draft = sum(c.draft_seconds for c in calls)
+    return {"draft_ms_per_step": 1000 * draft / steps if steps else None, "draft_share": draft / seconds if seconds else None}
 
 
 def run(
@@ -252,6 +289,7 @@ def run(
     every method samples, outputs differ draw by draw, and only speed and acceptance compare."""
     methods = dict(methods if methods is not None else METHODS)
     methods = {BASELINE: METHODS[BASELINE], **methods}  # speedups need the baseline
+    methods = {**{m.reference: METHODS[m.reference] for m in methods.values()}, **methods}  # and outputs their reference
     base = base or ProPDConfig()
     accelerate(model, base)  # propd methods share its state; HF methods call the original generate
     eos = model.generation_config.eos_token_id
@@ -317,9 +355,10 @@ def run(
                         new[name] = _new_rows(got[0], P, eos)
                         stats = model.propd.stats if methods[name].propd is not None else None
                         batch_calls.append(_call(name, bs, rep, i, got[1], group, new[name], stats))
-                if not sample and BASELINE in new:
-                    for call in batch_calls:
-                        for r, a, b in zip(call.rows, new[call.method], new[BASELINE]):
+                for call in batch_calls:
+                    reference = methods[call.method].reference
+                    if not sample and reference in new:
+                        for r, a, b in zip(call.rows, new[call.method], new[reference]):
                             r["identical"] = a == b
                 calls += batch_calls
         timed_graphs += _graphs_compiled() - g0
@@ -340,7 +379,8 @@ def run(
         },
         "methods": {
             name: {"description": m.description, "status": status[name],
-                   "hf_kwargs": m.hf, "hf_compiled": m.hf_compiled, "propd_fields": _jsonable(m.propd)}
+                   "hf_kwargs": m.hf, "hf_compiled": m.hf_compiled, "propd_fields": _jsonable(m.propd),
+                   "generate_kwargs": m.generate, "reference": m.reference}
             for name, m in methods.items()
         },
         "compile": {
@@ -398,6 +438,7 @@ def _aggregate(rows: list[dict], timed: list[Call], ratios: list[float]) -> dict
     pruned = [(c.pruned_fraction, sum(int(s) * n for r in c.rows for s, n in r.get("tree_sizes", {}).items()))
               for c in timed if c.pruned_fraction is not None]
     errors = [e for c in timed for e in c.latency_errors]
+    outcomes = [o for c in timed for o in c.outcomes]
     return {
         "new_tokens": sum(r["new_tokens"] for r in rows),
         "seconds": seconds,  # per repeat
@@ -415,7 +456,29 @@ def _aggregate(rows: list[dict], timed: list[Call], ratios: list[float]) -> dict
         # mean relative error of the dynamic tree's step-time predictions, made before each step ran
         "latency_mape": sum(errors) / len(errors) if errors else None,
         "planned_steps": len(errors),
+        **_draft_cost([c for c in timed if c.draft_seconds is not None]),
+        "reliability": reliability(outcomes, rows=len(timed[0].rows) if timed else 1),
     }
+
+
+RELIABILITY_BINS = (1.0, 1.25, 1.5, 2.0, 2.5, 3.0, 4.0, 6.0, float("inf"))
+
+
+def reliability(outcomes: list[tuple[float, int]], rows: int = 1, min_steps: int = 20) -> list[dict] | None:
+    """Predicted vs realized accepted tokens per row and step, binned by the prediction: is the
+    acceptance model calibrated? Bins with fewer than `min_steps` steps are reported as such."""
+    if not outcomes:
+        return None
+    out, lo = [], 0.0
+    for hi in RELIABILITY_BINS:
+        inside = [(e / rows, a / rows) for e, a in outcomes if lo <= e / rows < hi]
+        if inside:
+            pred, real = sum(e for e, _ in inside) / len(inside), sum(a for _, a in inside) / len(inside)
+            out.append({"bin": [lo, hi if hi != float("inf") else None], "steps": len(inside), "predicted": pred,
+                        "realized": real, "error": (pred - real) / real if real else None,
+                        "enough": len(inside) >= min_steps})
+        lo = hi
+    return out
 
 
 def summarize(calls: list[Call], methods: dict[str, Method], status: dict[str, str], batch_sizes) -> list[dict]:
@@ -615,41 +678,81 @@ def write_md(md_path: str | Path, section: str) -> None:
     path.write_text(text)
 
 
+def _hf_step_seconds(model, batch: int, kv_len: int, repeats: int, gen: torch.Generator) -> float:
+    """Median seconds of HF's own eager decoding step: one token per row after `kv_len` cached tokens."""
+    from transformers import DynamicCache
+
+    vocab = model.get_output_embeddings().weight.shape[0]
+    cache = DynamicCache()
+    model(input_ids=torch.randint(0, vocab, (batch, kv_len), generator=gen), past_key_values=cache, use_cache=True)
+    step = torch.randint(0, vocab, (batch, 1), generator=gen)
+    times = []
+    for rep in range(repeats + 1):
+        t = time.perf_counter()
+        model(input_ids=step, past_key_values=cache, use_cache=True)
+        times.append(time.perf_counter() - t)
+        cache.crop(kv_len)
+    return statistics.median(times[1:])
+
+
 def verify_latency(
-    model, forwards: dict[str, Callable], sizes=(1, 4, 8, 16, 32, 64), kv_len: int = 200, batch: int = 1, repeats: int = 7
+    model, forwards: dict[str, Callable], sizes=(1, 2, 4, 8, 16, 32, 64), batches=(1,), kv_len: int = 256,
+    repeats: int = 7,
 ) -> dict:
-    """Median latency of one verification forward per tree size (a chain-shaped tree mask over a
-    KV cache of `kv_len` tokens), for each forward, interleaved; plus ratios to the first forward."""
+    """Median latency of one verification forward per batch size and tree size (a chain-shaped
+    tree mask over `kv_len` cached tokens), each forward interleaved with the others, and HF's
+    own eager 1-token step at the same batch size as the reference (`ratio_to_hf_step`)."""
     from propd_compile.cache import TreeKVCache
 
     vocab = model.get_output_embeddings().weight.shape[0]
     gen = torch.Generator().manual_seed(0)
-    out: dict[str, dict[int, float]] = {name: {} for name in forwards}
+    ms: dict[str, dict[int, dict[int, float]]] = {name: {} for name in forwards}
+    hf: dict[int, float] = {}
     with torch.no_grad():
-        for T in sizes:
-            times: dict[str, list[float]] = {name: [] for name in forwards}
-            tokens = torch.randint(0, vocab, (batch, T), generator=gen)
-            tree = torch.ones(T, T, dtype=torch.bool).tril()
-            mask = torch.cat([torch.ones(batch, T, kv_len, dtype=torch.bool), tree.repeat(batch, 1, 1)], 2)[:, None]
-            positions = (kv_len + torch.arange(T)).repeat(batch, 1)
-            for rep in range(repeats + 1):  # the first round warms up
-                for name, fwd in forwards.items():
-                    cache = TreeKVCache.for_model(model, batch, kv_len + T + 1)
-                    cache.lengths = [kv_len] * batch
-                    cache.begin_step(mask)
-                    t = time.perf_counter()
-                    fwd(tokens, mask, positions, cache)
-                    dt = time.perf_counter() - t
-                    cache.end_step()
-                    if rep:
-                        times[name].append(dt)
+        for batch in batches:
+            hf[batch] = 1e3 * _hf_step_seconds(model, batch, kv_len, repeats, gen)
             for name in forwards:
-                out[name][T] = statistics.median(times[name])
-    first = next(iter(forwards))
+                ms[name][batch] = {}
+            for T in sizes:
+                times: dict[str, list[float]] = {name: [] for name in forwards}
+                tokens = torch.randint(0, vocab, (batch, T), generator=gen)
+                tree = torch.ones(T, T, dtype=torch.bool).tril()
+                mask = torch.cat([torch.ones(batch, T, kv_len, dtype=torch.bool), tree.repeat(batch, 1, 1)], 2)[:, None]
+                positions = (kv_len + torch.arange(T)).repeat(batch, 1)
+                for rep in range(repeats + 1):  # the first round warms up
+                    for name, fwd in forwards.items():
+                        cache = TreeKVCache.for_model(model, batch, kv_len + T + 1)
+                        cache.lengths = [kv_len] * batch
+                        cache.begin_step(mask)
+                        t = time.perf_counter()
+                        fwd(tokens, mask, positions, cache)
+                        dt = time.perf_counter() - t
+                        cache.end_step()
+                        if rep:
+                            times[name].append(dt)
+                for name in forwards:
+                    ms[name][batch][T] = 1e3 * statistics.median(times[name])
     return {
-        "kv_len": kv_len,
-        "batch": batch,
-        "ms": {n: {T: 1e3 * s for T, s in d.items()} for n, d in out.items()},
-        "vs_T1": {n: {T: s / d[sizes[0]] for T, s in d.items()} for n, d in out.items()},
-        f"ratio_to_{first}": {n: {T: out[first][T] / s for T, s in d.items()} for n, d in out.items()},
+        "kv_len": kv_len, "batches": list(batches), "sizes": list(sizes), "hf_step_ms": hf, "ms": ms,
+        "ratio_to_hf_step": {n: {b: {T: v / hf[b] for T, v in d.items()} for b, d in bd.items()} for n, bd in ms.items()},
     }
+
+
+def latency_markdown(report: dict) -> str:
+    """One table per batch size: each forward's ms and its ratio to HF's eager 1-token step."""
+    names = list(report["ms"])
+    out = []
+    for b in report["batches"]:
+        b_ = b if b in report["hf_step_ms"] else str(b)
+        out.append(f"Batch {b}, KV {report['kv_len']}: HF eager 1-token step {report['hf_step_ms'][b_]:.1f} ms\n")
+        out.append("| tree nodes | " + " | ".join(f"{n} ms | {n} / HF step" for n in names) + " |")
+        out.append("|---|" + "---|---|" * len(names))
+        for T in report["sizes"]:
+            cells = []
+            for n in names:
+                d, r = report["ms"][n][b_], report["ratio_to_hf_step"][n][b_]
+                T_ = T if T in d else str(T)
+                cells.append(f"{d[T_]:.1f} | {r[T_]:.2f}")
+            out.append(f"| {T} | " + " | ".join(cells) + " |")
+        out.append("")
+    return "\n".join(out)

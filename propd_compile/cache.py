@@ -20,6 +20,7 @@ import torch
 from transformers.cache_utils import Cache
 
 import propd_compile.kernels  # noqa: F401  (registers torch.ops.propd.*)
+from propd_compile.ragged import RaggedStep
 
 
 class TreeKVCache(Cache):
@@ -46,6 +47,25 @@ class TreeKVCache(Cache):
         # Early pruning (kernels/early_prune.py): keep[b, i] is False iff a prune point in the
         # forward dropped tree node i of row b; layer 0 resets it, so no prune point = all kept.
         self.keep = torch.ones((batch_size, max_len), dtype=torch.bool, device=device)
+        # Exported graphs (AOTInductor packages) write with a plain in-place copy, which Inductor
+        # keeps in place on the input buffer in C++; torch.compile graphs use `propd::kv_write`,
+        # which the FX passes can see and rewrite (early pruning scatters the deep layers' writes).
+        self.native_writes = False
+        self.ragged: RaggedStep | None = None  # this step's packing when rows verify different sizes
+
+    @classmethod
+    def over(
+        cls, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], keep: torch.Tensor, attn_mask: torch.Tensor,
+        ragged: RaggedStep | None = None,
+    ) -> "TreeKVCache":
+        """The cache interface over given buffers for one forward (inside an exported graph, where
+        the buffers are the graph's inputs); the runtime-side bookkeeping is not set."""
+        cache = cls.__new__(cls)
+        Cache.__init__(cache, layers=[])
+        cache.keys, cache.values, cache.keep, cache.attn_mask = list(keys), list(values), keep, attn_mask
+        cache.max_len = keys[0].shape[2]
+        cache.native_writes, cache.ragged = True, ragged
+        return cache
 
     @classmethod
     def for_model(cls, model: torch.nn.Module, batch_size: int, max_len: int) -> "TreeKVCache":
@@ -60,11 +80,20 @@ class TreeKVCache(Cache):
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args: Any, **kwargs: Any):
         assert self.attn_mask is not None, "TreeKVCache.begin_step must precede a forward"
         kv_len = self.attn_mask.shape[-1]
+        if self.ragged is not None:  # packed nodes [1, Hkv, N, D], each to its own (row, slot)
+            r = self.ragged
+            self.keys[layer_idx][r.rows, :, r.slots] = key_states[0].transpose(0, 1)
+            self.values[layer_idx][r.rows, :, r.slots] = value_states[0].transpose(0, 1)
+            return self.keys[layer_idx][:, :, :kv_len], self.values[layer_idx][:, :, :kv_len]
         start = kv_len - key_states.shape[2]
-        if layer_idx == 0:
-            torch.ops.propd.keep_reset(self.keep)
-        torch.ops.propd.kv_write(self.keys[layer_idx], key_states, start)
-        torch.ops.propd.kv_write(self.values[layer_idx], value_states, start)
+        if self.native_writes:  # no prune point in these graphs: `keep` stays all True
+            self.keys[layer_idx][:, :, start:kv_len].copy_(key_states)
+            self.values[layer_idx][:, :, start:kv_len].copy_(value_states)
+        else:
+            if layer_idx == 0:
+                torch.ops.propd.keep_reset(self.keep)
+            torch.ops.propd.kv_write(self.keys[layer_idx], key_states, start)
+            torch.ops.propd.kv_write(self.values[layer_idx], value_states, start)
         return self.keys[layer_idx][:, :, :kv_len], self.values[layer_idx][:, :, :kv_len]
 
     def get_seq_length(self, layer_idx: int = 0) -> int:
@@ -83,13 +112,18 @@ class TreeKVCache(Cache):
         """W: where the next step's tree goes (the same slots for every row)."""
         return max(self.lengths)
 
-    def begin_step(self, attn_mask: torch.Tensor) -> None:
+    def begin_step(self, attn_mask: torch.Tensor, nodes: torch.Tensor | None = None) -> None:
+        """A forward with `attn_mask` [B, 1, T, W + T] comes; `nodes` [B, T] bool marks the real
+        tree nodes when rows verify different sizes (padding and finished rows are left out of
+        the forward: `propd_compile.ragged`)."""
         if attn_mask.shape[-1] > self.max_len:
             raise RuntimeError(f"KV cache overflow: {attn_mask.shape[-1]} > {self.max_len} slots")
         self.attn_mask = attn_mask
+        if nodes is not None and not bool(nodes.all()):
+            self.ragged = RaggedStep.of(nodes.to(attn_mask.device), attn_mask.shape[-1] - attn_mask.shape[-2])
 
     def end_step(self) -> None:
-        self.attn_mask = None
+        self.attn_mask, self.ragged = None, None
 
     def commit_prefill(self, attention_mask_2d: torch.Tensor) -> None:
         """The prompt (left padded) now occupies slots [0, P) of every row."""
@@ -103,11 +137,16 @@ class TreeKVCache(Cache):
             return
         dst0 = self.lengths[row]
         n = len(kept_nodes)
-        src = torch.tensor(kept_nodes, device=self.valid.device) + tree_start
         if dst0 + n > self.max_len:
             raise RuntimeError("KV cache overflow during compaction")
-        for buf in (*self.keys, *self.values):
-            # index_select gathers into a new tensor first: the ranges may overlap
-            buf[row, :, dst0 : dst0 + n] = buf[row].index_select(1, src)
+        # Entries already where they belong (the row is at the write start and the kept nodes are
+        # the tree's first n: plain steps, accepted chains at batch 1) need no copy; otherwise
+        # move the rest, starting at the first entry out of place.
+        first = next((i for i, node in enumerate(kept_nodes) if tree_start + node != dst0 + i), n)
+        if first < n:
+            src = torch.tensor(kept_nodes[first:], device=self.valid.device) + tree_start
+            for buf in (*self.keys, *self.values):
+                # index_select gathers into a new tensor first: the ranges may overlap
+                buf[row, :, dst0 + first : dst0 + n] = buf[row].index_select(1, src)
         self.valid[row, dst0 : dst0 + n] = True
         self.lengths[row] = dst0 + n

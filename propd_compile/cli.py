@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import sys
@@ -14,9 +15,12 @@ from propd_compile.config import TREES, ProPDConfig
 from propd_compile.models import DEFAULT_MODEL
 
 
+COMPILE = {"auto": "auto", "on": True, "off": False}
+
+
 def _config(args) -> ProPDConfig:
     return ProPDConfig(
-        max_tree_nodes=args.tree_nodes, tree=args.tree, compile=args.compile, heads=args.heads,
+        max_tree_nodes=args.tree_nodes, tree=args.tree, compile=COMPILE[args.compile], heads=args.heads, drafter=args.drafter,
         drafters=tuple(args.drafters) if args.drafters else None,
     )
 
@@ -25,62 +29,150 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default=DEFAULT_MODEL, help="embedded model name or a Hugging Face path")
     p.add_argument("--tree", default="dynamic", choices=list(TREES))
     p.add_argument("--heads", default=None, help="draft heads directory (default: heads shipped for the model)")
-    p.add_argument("--drafters", nargs="+", default=None, choices=["ngram", "heads"],
-                   help="drafters to fuse (default: heads + ngram when heads are available, else ngram)")
+    p.add_argument("--drafters", nargs="+", default=None, choices=["ngram", "heads", "feature"],
+                   help="drafters to fuse (default: feature + ngram with a feature drafter, else heads + ngram "
+                        "when heads are available, else ngram)")
+    p.add_argument("--drafter", default=None, help="feature drafter directory (default: the one shipped for the model)")
     p.add_argument("--tree-nodes", type=int, default=ProPDConfig.max_tree_nodes, help="node budget per step")
-    p.add_argument("--compile", action="store_true", help="verify through torch.compile(backend='propd')")
+    p.add_argument("--compile", choices=list(COMPILE), default="auto",
+                   help="compiled kernels: auto (when `propd warmup` built them), on (build if missing), off")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+
+
+def _generate_prompts(args) -> list[str]:
+    """The prompts: the arguments, or one per line of --file (`-`: stdin), or stdin when piped."""
+    if args.file:
+        stream = sys.stdin if args.file == "-" else open(args.file, encoding="utf-8")
+        with stream:
+            return [line.rstrip("\n") for line in stream if line.strip()]
+    if args.prompt:
+        return args.prompt
+    if not sys.stdin.isatty():
+        return [line.rstrip("\n") for line in sys.stdin if line.strip()]
+    raise SystemExit("propd generate: give a prompt, --file FILE (one prompt per line; - for stdin), or pipe prompts in")
+
+
+def _generate_kwargs(args) -> dict:
+    """HF generate arguments from the flags: greedy unless a sampling flag is given."""
+    kwargs = dict(max_new_tokens=args.max_new_tokens)
+    sampling = {k: v for k, v in (("temperature", args.temperature), ("top_p", args.top_p), ("top_k", args.top_k))
+                if v is not None}
+    if sampling and args.temperature != 0:
+        kwargs.update(do_sample=True, **sampling)
+    if args.repetition_penalty is not None:
+        kwargs["repetition_penalty"] = args.repetition_penalty
+    return kwargs
+
+
+def _timed(generate, enc: dict, kwargs: dict, seed: int | None) -> tuple[torch.Tensor, float]:
+    import time
+
+    if seed is not None:
+        torch.manual_seed(seed)
+    t = time.perf_counter()
+    out = generate(**enc, **kwargs)
+    return out, time.perf_counter() - t
 
 
 def cmd_generate(args) -> int:
     from transformers import TextStreamer
 
     import propd_compile
-    from propd_compile import models
+    from propd_compile import bench, models
     from propd_compile.prompts import chat_prompt
 
+    texts = _generate_prompts(args)
     model, tok = models.load(args.model)
     propd_compile.accelerate(model, _config(args))
-    text = args.prompt if args.raw else chat_prompt(tok, args.prompt)
-    enc = tok(text, return_tensors="pt")
-    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True)
-    model.generate(**enc, max_new_tokens=args.max_new_tokens, streamer=streamer)
+    enc = tok([chat_prompt(tok, t) if args.chat else t for t in texts], return_tensors="pt", padding=True)
+    P = enc["input_ids"].shape[1]
+    kwargs = _generate_kwargs(args)
+    eos = model.generation_config.eos_token_id
+    eos = {eos} if isinstance(eos, int) else set(eos or [])
+    if args.compare:  # a short warm-up of both, then each timed once on the same prompts
+        hf_generate = functools.partial(type(model).generate, model)
+        for generate in (hf_generate, model.generate):
+            generate(**enc, **{**kwargs, "max_new_tokens": min(8, args.max_new_tokens)})
+        hf_out, hf_s = _timed(hf_generate, enc, kwargs, args.seed)
+    stream = len(texts) == 1 and not args.compare
+    streamer = TextStreamer(tok, skip_prompt=True, skip_special_tokens=True) if stream else None
+    out, seconds = _timed(model.generate, enc, {**kwargs, "streamer": streamer}, args.seed)
+    new = bench._new_rows(out, P, eos)
+    if not stream:
+        for i, row in enumerate(new):
+            print(("" if len(new) == 1 else f"[{i}] ") + tok.decode(row, skip_special_tokens=True))
     st = model.propd.stats
+    kernels = "compiled kernels" if st.compiled else "eager kernels; `propd warmup` builds compiled ones once"
     print(
         f"\n[propd] {st.new_tokens} tokens in {st.seconds:.2f}s ({st.tokens_per_second:.1f} tok/s), "
-        f"{st.steps} steps, {st.mean_accepted:.2f} tokens/step, {st.mean_tree_nodes:.1f} tree nodes/step",
+        f"{st.steps} steps, {st.mean_accepted:.2f} tokens/step, {st.mean_tree_nodes:.1f} tree nodes/step ({kernels})",
         file=sys.stderr,
     )
+    if args.compare:
+        hf_new = bench._new_rows(hf_out, P, eos)
+        hf_rate, rate = sum(map(len, hf_new)) / hf_s, sum(map(len, new)) / seconds
+        same = "n/a (sampling draws differ; the distribution is the same)" if kwargs.get("do_sample") else (
+            "yes" if hf_new == new else "NO")
+        print(f"[compare] HF generate {hf_rate:.1f} tok/s, propd {rate:.1f} tok/s, speedup {rate / hf_rate:.2f}x, "
+              f"identical: {same}")
+        return 0 if same != "NO" else 1
     return 0
 
 
 def cmd_latency(args, model) -> int:
-    """Verification-step latency per tree size: eager vs backend="propd", same run."""
+    """Verification-step latency per tree size and batch size: HF's eager 1-token step, eager
+    and compiled tree steps, same run."""
     import time
 
     import propd_compile
     from propd_compile import bench
     from propd_compile.decoding import eager_forward
-    from propd_compile.runtime_compile import warm_up
 
     config = ProPDConfig(compile=True)
     propd_compile.accelerate(model, config)
     t = time.perf_counter()
-    warm_up(model, config, batch_sizes=(args.batch_sizes[0],))
-    compile_s = time.perf_counter() - t
+    compiled = model.propd.forward(config)
+    ready_s = time.perf_counter() - t
     report = bench.verify_latency(
-        model, {"eager": eager_forward(model), "propd": model.propd.forward(config)},
-        kv_len=args.kv_len, batch=args.batch_sizes[0], repeats=args.repeats,
+        model, {"eager": eager_forward(model), "propd": compiled}, kv_len=args.kv_len, batches=args.batch_sizes,
+        repeats=args.repeats,
     )
-    report["first_compile_seconds"] = compile_s
+    report["compiled_ready_seconds"] = ready_s
     report["machine"] = bench.machine_info()
     report["command"] = "propd " + " ".join(sys.argv[1:])
-    print(f"first compile (root-only + tree graphs): {compile_s:.1f} s")
-    print("| tree nodes | eager ms | propd ms | speedup |\n|---|---|---|---|")
-    for T, ms in report["ms"]["eager"].items():
-        print(f"| {T} | {ms:.1f} | {report['ms']['propd'][T]:.1f} | {report['ratio_to_eager']['propd'][T]:.2f}x |")
+    print(bench.latency_markdown(report))
     if args.json:
         bench.save(report, args.json)
+    return 0
+
+
+def cmd_warmup(args) -> int:
+    """Build (or find) the compiled kernels for a model on this machine, then calibrate the
+    dynamic tree's latency model on them: later runs start compiled in seconds."""
+    import json
+    import time
+
+    import propd_compile
+    from propd_compile import models
+    from propd_compile.cost_model import calibrate, save_calibration
+    from propd_compile.runtime_compile import manifest_path, package_key
+
+    model, _ = models.load(args.model)
+    config = ProPDConfig(compile=True)
+    propd_compile.accelerate(model, config)
+    key = package_key(model, config)
+    built = not key.path().exists()
+    t = time.perf_counter()
+    forward = model.propd.forward(config)
+    manifest = json.loads(manifest_path(key.path()).read_text())
+    print(f"[propd] compiled kernels {'built' if built else 'found'}: {key.path()} "
+          f"(first compile {manifest['compile_seconds']:.0f} s; ready in {time.perf_counter() - t:.1f} s)")
+    if not args.no_calibrate:
+        report = calibrate(model, forward, batch_sizes=args.batch_sizes, tree_sizes=args.tree_sizes,
+                           kv_lengths=args.kv_lengths, repeats=args.repeats)
+        report["command"] = "propd " + " ".join(sys.argv[1:])
+        path = save_calibration(model, report, compiled=True)
+        print(f"[propd] latency model of the compiled kernels: held-out MAPE {100 * report['held_out_mape']:.1f}%, saved to {path}")
     return 0
 
 
@@ -181,29 +273,42 @@ def cmd_train_heads(args) -> int:
     return 0
 
 
+def cmd_train_drafter(args) -> int:
+    import json
+
+    from propd_compile import models
+    from propd_compile.train_drafter import DrafterSettings, train_drafter
+
+    model, tok = models.load(args.model)
+    settings = DrafterSettings(
+        own_prompts=args.own_prompts, answer_tokens=args.answer_tokens, fixed_tokens=args.fixed_tokens,
+        draft_vocab=args.draft_vocab, ttt_steps=args.ttt_steps, epochs=args.epochs, lr=args.lr, seed=args.seed,
+        max_train_tokens=args.max_train_tokens, eval_mt_bench=not args.no_mt_bench,
+    )
+    report = train_drafter(model, args.out, tokenizer=tok, settings=settings, model_name=args.model)
+    print(json.dumps({k: report.get(k) for k in ("draft_vocab", "held_out", "data")}, indent=1))
+    return 0
+
+
 def cmd_calibrate(args) -> int:
     """Measure verification steps on this machine, report the held-out error, save the fit."""
-    from pathlib import Path
-
     import propd_compile
     from propd_compile import models
     from propd_compile.cost_model import calibrate, save_calibration
 
     model, _ = models.load(args.model)
-    config = ProPDConfig(compile=args.compile)
+    config = ProPDConfig(compile=COMPILE[args.compile] if args.compile != "auto" else "auto")
     propd_compile.accelerate(model, config)
-    if args.compile:
-        from propd_compile.runtime_compile import warm_up
-
-        warm_up(model, config, batch_sizes=(1, 2))
+    compiled = model.propd.compiled(config)
     report = calibrate(
         model, model.propd.forward(config), batch_sizes=args.batch_sizes, tree_sizes=args.tree_sizes,
         kv_lengths=args.kv_lengths, repeats=args.repeats,
     )
     report["command"] = "propd " + " ".join(sys.argv[1:])
-    path = save_calibration(model, report, args.compile, Path(args.out) if args.out else None)
+    path = save_calibration(model, report, compiled, Path(args.out) if args.out else None)
     print(f"held-out MAPE {100 * report['held_out_mape']:.1f}% on {report['held_out_points']} of {len(report['points'])} "
-          f"step shapes; fit saved to {path} (dynamic trees on this machine start from it)")
+          f"step shapes ({'compiled' if compiled else 'eager'} kernels); fit saved to {path} "
+          "(dynamic trees on this machine start from it)")
     return 0
 
 
@@ -211,9 +316,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="propd", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="stream an answer from the (embedded) model with token-tree decoding")
-    g.add_argument("prompt")
+    g.add_argument("prompt", nargs="*", help="prompt(s), decoded as one batch (default: --file, or stdin)")
+    g.add_argument("--file", help="prompts, one per line, decoded as one batch (- reads stdin)")
     g.add_argument("--max-new-tokens", type=int, default=256)
-    g.add_argument("--raw", action="store_true", help="do not wrap the prompt in the chat template")
+    g.add_argument("--chat", action=argparse.BooleanOptionalAction, default=True,
+                   help="wrap each prompt in the model's chat template (default) or pass it as is")
+    g.add_argument("--compare", action="store_true",
+                   help="also run HF generate on the same prompts: both tokens/s, the speedup, identical outputs")
+    g.add_argument("--temperature", type=float, default=None, help="sample (0: greedy)")
+    g.add_argument("--top-p", type=float, default=None, help="sample with nucleus top-p")
+    g.add_argument("--top-k", type=int, default=None, help="sample among the top-k tokens")
+    g.add_argument("--seed", type=int, default=None, help="torch.manual_seed before generating")
+    g.add_argument("--repetition-penalty", type=float, default=None, help="HF's repetition_penalty (e.g. 1.2)")
     _add_common(g)
     g.set_defaults(func=cmd_generate)
     from propd_compile.bench import METHODS
@@ -236,7 +350,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--md", default="BENCHMARKS.md", help="markdown file for --write-md")
     b.add_argument("--temperature", type=float, default=None, help="sample at this temperature (HF sampling vs propd)")
     b.add_argument("--latency", action="store_true", help="verification latency per tree size, eager vs compiled")
-    b.add_argument("--kv-len", type=int, default=200, help="KV cache length for --latency")
+    b.add_argument("--kv-len", type=int, default=256, help="KV cache length for --latency")
     _add_common(b)
     b.set_defaults(func=cmd_bench)
     from propd_compile.train_heads import TrainSettings
@@ -260,16 +374,44 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("--seed", type=int, default=d.seed)
     t.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     t.set_defaults(func=cmd_train_heads)
+    from propd_compile.train_drafter import DrafterSettings
+
+    dd = DrafterSettings()
+    td = sub.add_parser("train-drafter", help="train the feature (EAGLE-style) drafter by self-distillation (offline, resumable)")
+    td.add_argument("--model", default=DEFAULT_MODEL, help="embedded model name or a Hugging Face path")
+    td.add_argument("--out", required=True, help="output directory (rerun with the same --out to resume)")
+    td.add_argument("--own-prompts", type=int, default=dd.own_prompts, help="self-written prompts answered greedily")
+    td.add_argument("--answer-tokens", type=int, default=dd.answer_tokens, help="longest greedy answer")
+    td.add_argument("--fixed-tokens", type=int, default=dd.fixed_tokens, help="fixed-text (package docstring) tokens")
+    td.add_argument("--draft-vocab", type=int, default=dd.draft_vocab, help="draft vocabulary size (most frequent tokens)")
+    td.add_argument("--ttt-steps", type=int, default=dd.ttt_steps, help="training-time-test steps (draft depths trained)")
+    td.add_argument("--epochs", type=int, default=dd.epochs)
+    td.add_argument("--lr", type=float, default=dd.lr)
+    td.add_argument("--max-train-tokens", type=int, default=None, help="cap on training positions per epoch")
+    td.add_argument("--no-mt-bench", action="store_true", help="skip the acceptance report on MT-Bench answers")
+    td.add_argument("--seed", type=int, default=dd.seed)
+    td.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    td.set_defaults(func=cmd_train_drafter)
     c = sub.add_parser("calibrate", help="measure this machine's verification step latency for the dynamic tree")
     c.add_argument("--model", default=DEFAULT_MODEL)
     c.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8])
     c.add_argument("--tree-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 12, 16, 24, 32, 48, 64])
     c.add_argument("--kv-lengths", type=int, nargs="+", default=[64, 256, 512])
     c.add_argument("--repeats", type=int, default=3)
-    c.add_argument("--compile", action="store_true", help="calibrate the compiled (propd backend) forward")
+    c.add_argument("--compile", choices=list(COMPILE), default="off",
+                   help="calibrate the compiled kernels (on: build them if missing; auto: if built) or eager (off)")
     c.add_argument("--out", default=None, help="where to save the fit (default: the cache, where decoding looks)")
     c.add_argument("--threads", type=int, default=None, help="torch CPU threads (the fit is per thread count)")
     c.set_defaults(func=cmd_calibrate)
+    w = sub.add_parser("warmup", help="build this machine's compiled kernels for a model (once; minutes) and calibrate them")
+    w.add_argument("--model", default=DEFAULT_MODEL)
+    w.add_argument("--no-calibrate", action="store_true", help="only build the kernels")
+    w.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8])
+    w.add_argument("--tree-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 12, 16, 24, 32])
+    w.add_argument("--kv-lengths", type=int, nargs="+", default=[64, 256, 512])
+    w.add_argument("--repeats", type=int, default=3)
+    w.add_argument("--threads", type=int, default=None, help="torch CPU threads (kernels and fit are per thread count)")
+    w.set_defaults(func=cmd_warmup)
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -13,17 +13,24 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
 
 from propd_compile.cache import TreeKVCache
 from propd_compile.drafters import Drafter
 from propd_compile.planner import StepTimer, TreePlanner
+from propd_compile.ragged import model_kwargs
+from propd_compile.streaming import StepStreamer
 from propd_compile.tree import TokenTree, TreeBatch
 
-# forward(input_ids [B,T], mask [B,1,T,KV] bool, position_ids [B,T], cache) -> logits [B,T,V]
-Forward = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, TreeKVCache], torch.Tensor]
+if TYPE_CHECKING:
+    from propd_compile.processing import NodeProcessing
+
+# forward(input_ids [B,T], mask [B,1,T,KV] bool, position_ids [B,T], cache, last_only=False)
+#   -> logits [B,T,V] ([B,1,V] with last_only: the prefill needs only the last position's), or
+#   (logits, final hidden states [B,T,H]) for forwards made with `hidden`
+Forward = Callable[..., torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
 # accept(trees, logits [B,T,V]) -> (per row: accepted root-to-node path, bonus token after it)
 AcceptRule = Callable[[TreeBatch, torch.Tensor], tuple[list[list[int]], list[int]]]
 
@@ -44,8 +51,12 @@ class DecodeStats:
     rows: list[int] = field(default_factory=list)  # the batch row of each row step (per-row statistics)
     # dynamic trees: relative error of the latency model's prediction for each step, made before it ran
     latency_errors: list[float] = field(default_factory=list)
+    # dynamic trees: (expected, accepted) tokens of each step over its rows, expected before it ran
+    outcomes: list[tuple[float, int]] = field(default_factory=list)
 
     pruned_nodes: int = 0  # tree nodes an early-prune point kept out of the deep layers
+    compiled: bool = False  # the verification ran compiled kernels
+    draft_seconds: float = 0.0  # time in the drafters after the prefill (proposing, reading hidden states/features)
 
     @property
     def tokens_per_second(self) -> float:
@@ -58,7 +69,7 @@ class DecodeStats:
         return self.pruned_nodes / total if total else 0.0
 
     def summary(self) -> dict:
-        out = {k: v for k, v in asdict(self).items() if k not in ("tree_sizes", "accepted", "rows", "latency_errors")}
+        out = {k: v for k, v in asdict(self).items() if k not in ("tree_sizes", "accepted", "rows", "latency_errors", "outcomes")}
         out["tokens_per_second"] = self.tokens_per_second
         out["pruned_fraction"] = self.pruned_fraction
         if self.latency_errors:
@@ -66,27 +77,47 @@ class DecodeStats:
         return out
 
 
-def eager_forward(model: torch.nn.Module, hidden: bool = False) -> Forward:
-    """The model's own forward; with `hidden`, returns (logits, last hidden state) instead."""
-    if hidden:
-        return hidden_forward(model)
+def eager_forward(model: torch.nn.Module, hidden: bool = False, taps: tuple[int, ...] = ()) -> Forward:
+    """The model's own forward; with `hidden`, returns (logits, last hidden state) instead, and
+    with `taps` (logits, last hidden state, tapped features). A ragged step (`cache.ragged`)
+    runs on its packed nodes only and returns outputs in the padded [B, T] layout."""
+    if hidden or taps:
+        return hidden_forward(model, taps)
 
-    def forward(input_ids, mask, position_ids, cache):
-        return model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True).logits
+    def forward(input_ids, mask, position_ids, cache, last_only: bool = False):
+        step = cache.ragged
+        ids, pos = (step.pack_tokens(input_ids), step.pack_tokens(position_ids)) if step else (input_ids, position_ids)
+        logits = model(
+            input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
+            logits_to_keep=int(last_only), **model_kwargs(step),
+        ).logits
+        return step.unpack(logits, input_ids.shape) if step else logits
 
     return forward
 
 
-def hidden_forward(model: torch.nn.Module) -> Forward:
+def hidden_forward(model: torch.nn.Module, taps: tuple[int, ...] = ()) -> Forward:
     """(logits, hidden): the base model's final-norm hidden states and its LM head on them, which
     is what the causal-LM forward computes, so the hidden states cost nothing extra (drafters
-    with `needs_hidden` use them; `heads.check_hidden_logits` refuses models that differ)."""
+    with `needs_hidden` use them; `heads.check_hidden_logits` refuses models that differ).
+    With `taps`, also the hidden states entering those layers (HF `hidden_states` indices),
+    concatenated: (logits, hidden, features [B, T, len(taps) * H]), for the feature drafter."""
     base, lm_head = model.base_model, model.get_output_embeddings()
 
-    def forward(input_ids, mask, position_ids, cache):
-        h = base(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, cache=cache, use_cache=True)
-        h = h.last_hidden_state
-        return lm_head(h), h
+    def forward(input_ids, mask, position_ids, cache, last_only: bool = False):
+        step = cache.ragged
+        ids, pos = (step.pack_tokens(input_ids), step.pack_tokens(position_ids)) if step else (input_ids, position_ids)
+        out = base(
+            input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
+            output_hidden_states=bool(taps), **model_kwargs(step),
+        )
+        h = out.last_hidden_state
+        outs = [lm_head(h[:, -1:] if last_only else h), h]
+        if taps:
+            outs.append(torch.cat([out.hidden_states[t] for t in taps], -1))
+        if step is not None:
+            outs = [step.unpack(x, input_ids.shape) for x in outs]
+        return tuple(outs)
 
     return forward
 
@@ -127,21 +158,29 @@ def tree_generate(
     drafter: Drafter,
     max_tree_nodes: int,
     forward: Forward | None = None,
+    prefill: Forward | None = None,
     stopping_criteria: Callable[[torch.Tensor, torch.Tensor | None], torch.Tensor] | None = None,
     streamer=None,
     accept: AcceptRule = greedy_rule,
     planner: TreePlanner | None = None,
+    ragged: bool = False,
+    process: NodeProcessing | None = None,
 ) -> tuple[torch.Tensor, DecodeStats]:
     """Decode a left-padded batch with token trees; returns (sequences [B, P + N], stats).
 
     `accept` decides what each step emits (greedy by default); the token after the prompt is the
     bonus token of a root-only tree, so the rule also picks it. With a `planner` (dynamic trees)
     the drafters propose up to `max_tree_nodes` nodes and the planner cuts every step's trees to
-    the size it expects to be fastest, learning from each step's outcome and time.
+    the size it expects to be fastest, learning from each step's outcome and time. `prefill`
+    runs the prompt (default: the eager forward; a compiled one where it takes prompts). With
+    `ragged` (the model's attention reads packings: `propd_compile.ragged`), rows verify only
+    their own trees and finished rows nothing, instead of every row padding to the largest tree. With `process`
+    (logits processors) `accept` sees every node's logits processed on that node's history.
     """
     t0 = time.perf_counter()
     needs_hidden = getattr(drafter, "needs_hidden", False)
-    forward = forward or eager_forward(model, hidden=needs_hidden)
+    taps = tuple(getattr(drafter, "feature_layers", ()) or ())
+    forward = forward or eager_forward(model, hidden=needs_hidden, taps=taps)
     device = input_ids.device
     B, P = input_ids.shape
     eos = set(int(e) for e in eos_token_ids)
@@ -154,24 +193,19 @@ def tree_generate(
     pos = (valid_prompt.long().cumsum(1) - 1).clamp(min=0)
     mask = _prefill_mask(valid_prompt)
     cache.begin_step(mask)
-    if needs_hidden:
-        hidden = model.base_model(
-            input_ids=input_ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True
-        ).last_hidden_state[:, -1]
-        logits = model.get_output_embeddings()(hidden)
-    else:
-        logits = model(
-            input_ids=input_ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True, logits_to_keep=1
-        ).logits[:, -1]
+    out = (prefill or eager_forward(model, hidden=needs_hidden, taps=taps))(input_ids, mask, pos, cache, last_only=True)
+    logits, hidden, features = _outputs(out, needs_hidden, taps)
+    logits = logits[:, -1]
     cache.end_step()
     _check_finite(logits)
     cache.commit_prefill(attention_mask)
-    if streamer is not None:
-        streamer.put(input_ids.cpu())
+    stream = StepStreamer(streamer, input_ids, pad_token_id) if streamer is not None else None
 
     rows = [input_ids[b][valid_prompt[b]].tolist() for b in range(B)]
     drafter.start(rows)
     generated: list[list[int]] = [[] for _ in range(B)]
+    if process is not None:
+        accept = process.wrap(accept, generated)
     done = [False] * B
     n_real_l = n_real.tolist()
 
@@ -198,14 +232,18 @@ def tree_generate(
         appended = emit(b, [first[b]])
         drafter.advance(b, appended)
     if needs_hidden:
-        _give_hidden(drafter, done, hidden, [-1] * B)
-    if streamer is not None:
-        streamer.put(torch.tensor(first[:1]))
+        _give_hidden(drafter, done, hidden[:, -1], [-1] * B)
+    if taps:
+        _give_features(drafter, done, features, [valid_prompt[b].nonzero().flatten().tolist() for b in range(B)])
+    if stream is not None:
+        stream.update(generated, done)
 
     while not all(done):
         active = [b for b in range(B) if not done[b]]
         W = cache.write_start
+        t_draft = time.perf_counter()
         trees = [drafter.propose(b, max_tree_nodes) if not done[b] else None for b in range(B)]
+        stats.draft_seconds += time.perf_counter() - t_draft
         if planner is not None:
             if stats.steps == 0:
                 planner.warm_up(model, forward, B, W)
@@ -215,32 +253,27 @@ def tree_generate(
         T = batch.num_nodes
         mask = torch.cat([cache.valid[:, None, :W].expand(B, T, W), batch.ancestors], dim=2)[:, None].to(device)
         positions = (torch.tensor(n_real_l)[:, None] + batch.depths).to(device)
-        cache.begin_step(mask)
+        # ragged: the forward runs only the real nodes of unfinished rows
+        cache.begin_step(mask, (batch.valid & torch.tensor([not d for d in done])[:, None]) if ragged else None)
         with StepTimer(device) as timer:
-            logits = forward(batch.tokens.to(device), mask, positions, cache)
+            out = forward(batch.tokens.to(device), mask, positions, cache)
         cache.end_step()
-        if needs_hidden:
-            if not isinstance(logits, tuple):
-                raise TypeError("the drafter needs hidden states: the forward must return (logits, hidden)")
-            logits, hidden = logits
-        elif isinstance(logits, tuple):
-            logits = logits[0]
+        logits, hidden, features = _outputs(out, needs_hidden, taps)
         _check_finite(logits)
-        # --- early pruning (#5): nodes a prune point dropped (cache.keep False) are never accepted.
+        # Early pruning: nodes a prune point dropped (cache.keep False) are never accepted.
         kept = cache.keep[:, :T].cpu()
         batch = dataclasses.replace(batch, valid=batch.valid & kept)
         deep_rows = int(kept.sum(1).max())  # rows per batch row that ran the deep layers
         stats.pruned_nodes += sum(max(len(trees[b]) - deep_rows, 0) for b in active)
-        # --- end early pruning
         paths, bonus = accept(batch, logits)
         if planner is not None:
-            n_errors = len(planner.latency_errors)
+            n_errors, n_outcomes = len(planner.latency_errors), len(planner.outcomes)
             planner.observe(
                 [trees[b] for b in active], [paths[b] for b in active], timer.seconds, B, T, W, kept=deep_rows
             )
             stats.latency_errors += planner.latency_errors[n_errors:]
+            stats.outcomes += planner.outcomes[n_outcomes:]
         stats.steps += 1
-        step_new = []
         for b in active:
             path = paths[b]
             proposal = batch.tokens[b, path[1:]].tolist() + [bonus[b]]
@@ -250,16 +283,19 @@ def tree_generate(
             stats.tree_sizes.append(len(trees[b]))
             stats.accepted.append(len(appended))
             stats.rows.append(b)
-            step_new.append(appended)
             if not done[b]:
                 cache.compact(b, W, path)
                 n_real_l[b] += len(path)
+        t_draft = time.perf_counter()
         if needs_hidden:
             _give_hidden(drafter, done, hidden, [paths[b][-1] for b in range(B)])
-        if streamer is not None and step_new and active[0] == 0:
-            streamer.put(torch.tensor(step_new[0]))
-    if streamer is not None:
-        streamer.end()
+        if taps:
+            _give_features(drafter, done, features, paths)
+        stats.draft_seconds += time.perf_counter() - t_draft
+        if stream is not None:
+            stream.update(generated, done)
+    if stream is not None:
+        stream.end(generated)
 
     N = max(len(g) for g in generated)
     out = torch.full((B, P + N), pad_token_id, dtype=input_ids.dtype, device=device)
@@ -271,6 +307,15 @@ def tree_generate(
     stats.mean_tree_nodes = sum(stats.tree_sizes) / max(stats.row_steps, 1)
     stats.seconds = time.perf_counter() - t0
     return out, stats
+
+
+def _outputs(out, hidden: bool, taps: tuple[int, ...]):
+    """(logits, hidden or None, features or None) from what a forward returned."""
+    if not (hidden or taps):
+        return (out[0] if isinstance(out, tuple) else out), None, None
+    if not isinstance(out, tuple) or len(out) < 2 + bool(taps):
+        raise TypeError("the drafter needs hidden states: the forward must return (logits, hidden[, features])")
+    return out[0], out[1], (out[2] if taps else None)
 
 
 def _give_hidden(drafter: Drafter, done: list[bool], hidden: torch.Tensor, nodes: list[int]) -> None:
@@ -285,8 +330,16 @@ def _give_hidden(drafter: Drafter, done: list[bool], hidden: torch.Tensor, nodes
         drafter.set_hidden(rows, hidden)
 
 
+def _give_features(drafter: Drafter, done: list[bool], features: torch.Tensor, nodes: list[list[int]]) -> None:
+    """Hand each unfinished row its tapped features at `nodes[b]` (positions it just verified)."""
+    rows = [b for b in range(len(done)) if not done[b]]
+    if rows:
+        drafter.set_features(rows, [features[b, torch.tensor(nodes[b], device=features.device)] for b in rows])
+
+
 def _check_finite(logits: torch.Tensor) -> None:
-    if not torch.isfinite(logits).all():
+    # one reduction: a NaN or an infinity anywhere makes the sum non-finite
+    if not torch.isfinite(logits.sum(dtype=torch.float32)):
         raise FloatingPointError(
             "the model produced NaN/inf logits; check the weights and dtype (fp16 overflow: try "
             "torch_dtype=torch.float32 or bfloat16). Nothing was generated."

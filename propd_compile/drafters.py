@@ -22,6 +22,16 @@ class Drafter(ABC):
     def set_hidden(self, rows: Sequence[int], hidden) -> None:
         """hidden [len(rows), H]: the final-norm hidden state that predicted each row's last token."""
 
+    # Drafters that read the hidden states entering some decoder layers (the feature drafter)
+    # name them here (HF `hidden_states` indices); the verification forward then returns them for
+    # every tree node, and the decode loop calls `set_features` with each unfinished row's
+    # features at the positions it just verified (the prompt after the prefill, then every
+    # accepted path), after `advance` has appended the tokens that follow them.
+    feature_layers: tuple[int, ...] = ()
+
+    def set_features(self, rows: Sequence[int], features) -> None:
+        """features[i] [n_i, len(feature_layers) * H]: rows[i]'s next n_i verified positions."""
+
     @abstractmethod
     def start(self, sequences: Sequence[Sequence[int]]) -> None:
         """Reset per-row state for a new batch; each sequence is one row's prompt (no padding)."""
@@ -33,6 +43,20 @@ class Drafter(ABC):
     @abstractmethod
     def propose(self, row: int, budget: int) -> TokenTree:
         """A tree of at most `budget` nodes rooted at `row`'s last token."""
+
+
+class NoDrafter(Drafter):
+    """Root-only trees: plain one-token steps (max_tree_nodes=1), with no drafting work at all."""
+
+    def start(self, sequences: Sequence[Sequence[int]]) -> None:
+        self.last = [int(s[-1]) for s in sequences]
+
+    def advance(self, row: int, tokens: Sequence[int]) -> None:
+        if tokens:
+            self.last[row] = int(tokens[-1])
+
+    def propose(self, row: int, budget: int) -> TokenTree:
+        return TokenTree.root_only(self.last[row])
 
 
 class _SuffixIndex:
@@ -208,6 +232,10 @@ class FusedDrafter(Drafter):
     def __init__(self, drafters: Sequence[Drafter]) -> None:
         self.drafters = list(drafters)
         self.needs_hidden = any(d.needs_hidden for d in self.drafters)
+        layers = {d.feature_layers for d in self.drafters if d.feature_layers}
+        if len(layers) > 1:
+            raise ValueError(f"fused drafters read different feature layers {sorted(layers)}; fuse at most one feature drafter")
+        self.feature_layers = layers.pop() if layers else ()
 
     def start(self, sequences: Sequence[Sequence[int]]) -> None:
         for d in self.drafters:
@@ -222,8 +250,26 @@ class FusedDrafter(Drafter):
             if d.needs_hidden:
                 d.set_hidden(rows, hidden)
 
+    def set_features(self, rows: Sequence[int], features) -> None:
+        for d in self.drafters:
+            if d.feature_layers:
+                d.set_features(rows, features)
+
     def propose(self, row: int, budget: int) -> TokenTree:
         return TokenTree.merge([d.propose(row, budget) for d in self.drafters], budget)
+
+
+def drafter_names(config, model=None) -> tuple[str, ...]:
+    """The drafters `config` fuses: its `drafters`, or by default the feature drafter (given or
+    shipped for `model`) with n-gram drafts, else draft heads with n-gram drafts, else n-gram."""
+    if config.drafters is not None:
+        return tuple(config.drafters)
+    if model is not None:
+        from propd_compile.feature_drafter import resolve_drafter
+
+        if resolve_drafter(model, config.drafter) is not None:
+            return ("feature", "ngram")
+    return ("heads", "ngram")
 
 
 def heads_for(config, model=None):
@@ -232,7 +278,7 @@ def heads_for(config, model=None):
     if config.tree == "chain":
         return None
     heads = None
-    if config.tree == "medusa" or config.drafters is None or "heads" in config.drafters:
+    if config.tree == "medusa" or "heads" in drafter_names(config, model):
         from propd_compile.heads import resolve_heads
 
         heads = resolve_heads(model, config.heads) if model is not None else None
@@ -249,9 +295,12 @@ def build_drafter(config, model=None, rank_stats=None) -> Drafter:  # config: Pr
     """The drafter for `config`; draft heads need the `model` (they use its LM head).
 
     drafters=None picks ("heads", "ngram") when heads are available (config.heads, or heads
-    shipped for this model), else ("ngram",); tree="medusa" is the static Medusa tree alone.
+    shipped for this model), else ("ngram",); tree="medusa" is the static Medusa tree alone;
+    max_tree_nodes=1 (plain decoding) drafts nothing.
     `rank_stats` (acceptance.RankStats), if given, is updated by the heads from verified tokens.
     """
+    if config.max_tree_nodes == 1:
+        return NoDrafter()
     if config.tree == "chain":
         return NGramDrafter(config.ngram_max, config.max_depth, branching=False)
     heads = heads_for(config, model)
@@ -265,8 +314,11 @@ def build_drafter(config, model=None, rank_stats=None) -> Drafter:  # config: Pr
 
         static = rank_paths(acc, config.max_tree_nodes)
         return HeadsDrafter(heads, lm_head, config.max_depth, static_paths=static, embed=embed)
-    names = config.drafters if config.drafters is not None else (("heads", "ngram") if heads is not None else ("ngram",))
+    names = drafter_names(config, model)
+    if config.drafters is None and names == ("heads", "ngram") and heads is None:
+        names = ("ngram",)
     made = {
+        "feature": lambda: feature_drafter_for(config, model),
         "ngram": lambda: NGramDrafter(config.ngram_max, config.max_depth),
         "heads": lambda: HeadsDrafter(
             heads, lm_head, config.max_depth, topk=config.heads_topk, embed=embed, rank_stats=rank_stats
@@ -275,3 +327,16 @@ def build_drafter(config, model=None, rank_stats=None) -> Drafter:  # config: Pr
     drafters = [made[n]() for n in names]
     return drafters[0] if len(drafters) == 1 else FusedDrafter(drafters)
 
+
+
+def feature_drafter_for(config, model) -> Drafter:
+    """The feature drafter `config` names (or the one shipped for `model`); refused when none."""
+    from propd_compile.feature_drafter import FeatureDrafter, resolve_drafter
+
+    draft = resolve_drafter(model, config.drafter) if model is not None else None
+    if draft is None:
+        raise ValueError(
+            "drafters with 'feature' need a feature drafter, but none was found for this model; train one with "
+            "`propd train-drafter --model NAME --out DIR` and pass ProPDConfig(drafter=DIR)"
+        )
+    return FeatureDrafter(draft, config.max_depth, topk=config.drafter_topk, frontier=config.drafter_topk)

@@ -269,15 +269,20 @@ class MedusaHeads(nn.Module):
 # --- finding heads for a model ---------------------------------------------------------------
 def shipped_heads_for(model: nn.Module, root: Path = SHIPPED_DIR) -> Path | None:
     """The directory of packaged heads trained for `model`, if any."""
+    return shipped_dir_for(model, root, FORMAT)
+
+
+def shipped_dir_for(model: nn.Module, root: Path, fmt: str) -> Path | None:
+    """The subdirectory of `root` whose config.json has format `fmt` and was made for `model`."""
     if not root.is_dir():
         return None
     for cfg_path in sorted(root.glob(f"*/{CONFIG}")):
         try:
             cfg = json.loads(cfg_path.read_text())
-            if cfg.get("format") == FORMAT and identity_mismatch(cfg["base_model"], model) is None:
+            if cfg.get("format") == fmt and identity_mismatch(cfg["base_model"], model) is None:
                 return cfg_path.parent
         except (OSError, ValueError, KeyError, TypeError) as e:
-            log.warning("ignoring unreadable heads config %s: %s", cfg_path, e)
+            log.warning("ignoring unreadable config %s: %s", cfg_path, e)
     return None
 
 

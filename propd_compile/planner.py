@@ -44,6 +44,9 @@ class TreePlanner:
         self.last_choice: dict | None = None
         self.calibrated_steps = 0  # verification steps the models learned from
         self.latency_errors: list[float] = []  # |predicted - measured| / measured of each planned step
+        # (expected, accepted) tokens of each planned step, summed over its rows: the reliability
+        # of the acceptance model (the expectation is taken before the step ran)
+        self.outcomes: list[tuple[float, int]] = []
 
     def warm_up(self, model: torch.nn.Module, forward, batch: int, kv: int) -> None:
         """Measure a few shapes at this batch size, unless a calibration or earlier steps cover it."""
@@ -98,6 +101,7 @@ class TreePlanner:
         kept = nodes if kept is None else kept
         if self.last_choice is not None and self.last_choice["n"] == nodes:  # predicted before it ran
             self.latency_errors.append(abs(self.last_choice["predicted_seconds"] - seconds) / seconds)
+            self.outcomes.append((self.last_choice["expected"], sum(len(p) for p in paths)))
         self.last_choice = None
         if nodes > 1:
             self.kept_fraction = 0.9 * self.kept_fraction + 0.1 * (kept / nodes)
@@ -108,14 +112,19 @@ class TreePlanner:
 
 def new_planner(model: torch.nn.Module, config) -> TreePlanner:  # config: ProPDConfig
     """A planner for `config` on `model`: rank statistics warm-started from the heads' held-out
-    accuracies, the latency model from this machine's `propd calibrate` fit when there is one."""
+    accuracies, the latency model from this machine's `propd calibrate` fit of the kernels
+    decoding will run (eager or compiled) when there is one."""
     from propd_compile.drafters import heads_for
 
     heads = heads_for(config, model)
     rank_stats = None
     if heads is not None:
         rank_stats = RankStats.for_heads(heads, config.heads_topk)
-    latency = load_calibration(model, config.compile) or LatencyModel()
+    from propd_compile.state import state_of
+
+    state = state_of(model)
+    compiled = state is not None and state.compiled(config, hidden=heads is not None)
+    latency = load_calibration(model, compiled) or LatencyModel()
     return TreePlanner(AcceptanceModel(rank_stats=rank_stats), latency, config.max_tree_nodes)
 
 

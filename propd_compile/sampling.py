@@ -20,7 +20,6 @@ exactly as plain sampling, whatever the drafter proposes.
 from __future__ import annotations
 
 import torch
-from transformers import LogitsProcessorList
 
 from propd_compile.decoding import AcceptRule
 from propd_compile.tree import TreeBatch
@@ -115,28 +114,20 @@ def typical_tree_accept(
     return paths, bonus.squeeze(1).tolist()
 
 
-def processed_probs(logits: torch.Tensor, processors: LogitsProcessorList) -> torch.Tensor:
-    """softmax(processors(float32 logits)) per node, as HF's sampling loop computes it. The
-    processors allowed here ignore the token history (see `api`), so they get an empty one."""
-    B, T, V = logits.shape
-    flat = logits.reshape(B * T, V).float()
-    scores = processors(torch.zeros((B * T, 0), dtype=torch.long, device=logits.device), flat)
-    return torch.softmax(scores, -1).view(B, T, V)
-
-
 def sampling_rule(
-    processors: LogitsProcessorList,
     generator: torch.Generator | None = None,
     acceptance: str = "exact",
     posterior_threshold: float = 0.09,
     posterior_alpha: float = 0.3,
 ) -> AcceptRule:
-    """The acceptance rule for `tree_generate` when sampling: exact (lossless) or typical (lossy).
-    Draws run on the generator's device (the global RNG of the logits' device without one), so
+    """The acceptance rule for `tree_generate` when sampling: exact (lossless) or typical (lossy),
+    on scores already processed per node (`tree_generate(process=...)`: HF's processors and
+    warpers), from which it samples softmax(scores) as HF's sampling loop does. Draws run on the
+    generator's device (the global RNG of the scores' device without one), so
     `torch.manual_seed` makes a decode reproducible."""
 
-    def rule(batch: TreeBatch, logits: torch.Tensor) -> tuple[list[list[int]], list[int]]:
-        probs = processed_probs(logits, processors)
+    def rule(batch: TreeBatch, scores: torch.Tensor) -> tuple[list[list[int]], list[int]]:
+        probs = torch.softmax(scores, -1)
         if generator is not None:
             probs = probs.to(generator.device)
         if acceptance == "typical":

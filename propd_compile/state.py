@@ -28,24 +28,40 @@ class ProPDState:
     model: torch.nn.Module = field(repr=False)
     config: ProPDConfig
     stats: DecodeStats = field(default_factory=DecodeStats)  # of the last `generate` call
-    forwards: dict[tuple, Forward] = field(default_factory=dict, repr=False)
+    forwards: dict[tuple, Forward | None] = field(default_factory=dict, repr=False)  # None: not built ("auto")
     planners: dict[str, "TreePlanner"] = field(default_factory=dict, repr=False)  # by repr(config)
+    attention: str | None = None  # the model's own attention implementation, switched to propd_<it>
+    weights_version: tuple = field(default=(), repr=False)  # of the weights the compiled forwards hold
     # lazily built per-model objects of other modules (loaded heads by path, prune options, ...)
     built: dict[tuple, Any] = field(default_factory=dict, repr=False)
 
-    def forward(self, config: ProPDConfig | None = None, hidden: bool = False) -> Forward:
-        """The verification forward for `config`: eager, or compiled once per backend options.
-
-        With `hidden` it returns (logits, last hidden state), for drafters that read it."""
+    def forward(self, config: ProPDConfig | None = None, hidden: bool = False, taps: tuple[int, ...] = ()) -> Forward:
+        """The verification forward for `config`: compiled (`runtime_compile`) when
+        `config.compile` asks for it and it is available, eager otherwise. With `hidden` it
+        returns (logits, last hidden state), for drafters that read it; with `taps` also the
+        features entering those layers (the feature drafter's)."""
         config = config or self.config
-        if not config.compile:
-            return eager_forward(self.model, hidden=hidden)
-        from propd_compile.runtime_compile import backend_options_for, compiled_forward
+        taps = tuple(taps)
+        compiled = self._compiled(config, hidden, taps) if config.compile else None
+        return compiled or eager_forward(self.model, hidden=hidden, taps=taps)
 
-        options = backend_options_for(self.model, config)
-        key = (repr(sorted(options.items())), hidden)
+    def compiled(self, config: ProPDConfig | None = None, hidden: bool = False, taps: tuple[int, ...] = ()) -> bool:
+        """Whether `forward(config, hidden, taps)` runs compiled kernels."""
+        config = config or self.config
+        return bool(config.compile) and self._compiled(config, hidden, tuple(taps)) is not None
+
+    def _compiled(self, config: ProPDConfig, hidden: bool, taps: tuple[int, ...]) -> Forward | None:
+        """Compiled forwards hold a snapshot of the weights: when the model's parameters changed
+        since they were made, they are dropped and made again for the new weights."""
+        from propd_compile.runtime_compile import backend_options_for, compiled_forward, weights_version
+
+        version = weights_version(self.model)
+        if version != self.weights_version:
+            self.forwards.clear()
+            self.weights_version = version
+        key = (repr(sorted(backend_options_for(self.model, config).items())), config.prune, config.compile, hidden, taps)
         if key not in self.forwards:
-            self.forwards[key] = compiled_forward(self.model, hidden=hidden, options=options)
+            self.forwards[key] = compiled_forward(self.model, config, hidden=hidden, taps=taps)
         return self.forwards[key]
 
     def planner(self, config: ProPDConfig | None = None) -> "TreePlanner":

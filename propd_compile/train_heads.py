@@ -42,6 +42,7 @@ from typing import Sequence
 import torch
 from torch.nn import functional as F
 
+from propd_compile.distill_data import check_work_settings
 from propd_compile.heads import MedusaHeads
 
 log = logging.getLogger(__name__)
@@ -556,17 +557,8 @@ def train_heads(
     out = Path(out)
     work = out / "work"
     work.mkdir(parents=True, exist_ok=True)
-    meta_path = work / "settings.json"
     data_keys = ("num_prompts", "prompt_tokens", "answer_tokens", "gen_batch_size", "temperature", "top_p", "seed")
-    if meta_path.exists():
-        old = json.loads(meta_path.read_text())
-        changed = [k for k in data_keys if old.get(k) != getattr(settings, k)]
-        if changed:
-            raise ValueError(
-                f"{work} holds data made with other settings ({', '.join(f'{k}={old.get(k)}' for k in changed)}); "
-                "use a new --out directory or delete the work directory"
-            )
-    meta_path.write_text(json.dumps(asdict(settings), indent=1))
+    check_work_settings(work, "settings.json", asdict(settings), data_keys)
     report: dict = {"settings": asdict(settings)}
     if model_name:
         model.name_or_path = model_name  # the identity recorded with the heads

@@ -57,3 +57,20 @@ def left_padded(rows: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
             ids[b, P - len(r) :] = torch.tensor(r)
             mask[b, P - len(r) :] = 1
     return ids, mask
+
+
+def tiny_tokenizer():
+    """A word-level tokenizer over the tiny models' vocabulary: token i is a short word, so
+    token ids decode to text (stop strings, streamers, pipelines) without any download."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    # "abcdef" (id VOCAB, never generated): HF's stop-string matching decodes tokens after it
+    words = ["<pad>", "<s>", "<unk>", "<x3>", "<x4>", "</s>"] + [f"w{i}" for i in range(6, VOCAB)] + ["abcdef"]
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=core, pad_token="<pad>", bos_token="<s>", eos_token="</s>", unk_token="<unk>"
+    )
+    tok.padding_side = "left"
+    return tok

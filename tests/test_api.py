@@ -1,11 +1,13 @@
 """The one-line API: same generate habits, same tokens, clear errors, nothing corrupted."""
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from transformers import GenerationConfig, StoppingCriteria, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
 import propd_compile
-from models_tiny import EOS, PAD, hf_greedy, left_padded, tiny_model
+from models_tiny import EOS, PAD, hf_greedy, left_padded, tiny_model, tiny_tokenizer
 from propd_compile import ProPDConfig, accelerate, restore
 
 
@@ -96,9 +98,15 @@ def test_stopping_criteria_and_streamer(model):
 @pytest.mark.parametrize(
     "kwargs,exc,match",
     [
-        (dict(do_sample=True, no_repeat_ngram_size=2), NotImplementedError, "no_repeat_ngram_size"),
-        (dict(num_beams=2), NotImplementedError, "num_beams"),
-        (dict(repetition_penalty=1.3), NotImplementedError, "repetition_penalty"),
+        (dict(num_beams=2), NotImplementedError, "num_beams=2.*hypotheses.*propd_compile.restore"),
+        (dict(do_sample=True, num_beams=2), NotImplementedError, "beam_sample.*propd_compile.restore"),
+        (dict(penalty_alpha=0.6, top_k=4), NotImplementedError, "contrastive.*hidden states.*propd_compile.restore"),
+        (dict(prompt_lookup_num_tokens=3), NotImplementedError, "assisted.*propd_compile.restore"),
+        (dict(dola_layers="low"), NotImplementedError, "dola.*early-layer.*propd_compile.restore"),
+        (dict(guidance_scale=1.5), NotImplementedError, "guidance_scale.*unconditional.*propd_compile.restore"),
+        (dict(encoder_no_repeat_ngram_size=2), NotImplementedError, "encoder_no_repeat.*propd_compile.restore"),
+        (dict(prefix_allowed_tokens_fn=lambda b, ids: [7]), NotImplementedError, "batch index.*propd_compile.restore"),
+        (dict(return_dict_in_generate=True, output_hidden_states=True), NotImplementedError, "hidden.*restore"),
         (dict(max_new_tokens=10_000), ValueError, "context"),
         (dict(max_new_tokens=0), ValueError, "max_new_tokens"),
         (dict(bogus_argument=1), TypeError, "bogus_argument"),
@@ -156,3 +164,54 @@ def test_config_validation():
         ProPDConfig(drafters=("oracle",))
     with pytest.raises(ValueError, match="tree="):
         ProPDConfig(tree="star")
+
+
+# --- HF generate habits: stop strings, num_return_sequences, pipelines ---------------------------
+@settings(deadline=None, max_examples=20, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=st.lists(st.lists(st.integers(6, 20), min_size=1, max_size=8), min_size=1, max_size=4),
+       seed=st.integers(0, 3), data=st.data())
+def test_stop_strings_stop_where_hf_stops(rows, seed, data):
+    """stop_strings (with tokenizer=) end each row where HF's StopStringCriteria ends it; the stop
+    string is drawn from the text HF generates without it (whole tokens or across a boundary)."""
+    model, tok = tiny_model("llama", seed=seed), tiny_tokenizer()
+    ids, mask = left_padded(rows)
+    P, new = ids.shape[1], 16
+    text = tok.decode(hf_greedy(model, ids, mask, new)[data.draw(st.integers(0, len(rows) - 1)), P:])
+    start = data.draw(st.integers(0, len(text) - 2))
+    stop = text[start : start + data.draw(st.integers(1, 6))].strip() or text[:2]
+    ref = hf_greedy(model, ids, mask, new, stop_strings=[stop], tokenizer=tok)
+    accelerate(model, ProPDConfig(tree="fixed"))
+    assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=new, stop_strings=stop, tokenizer=tok), ref)
+
+
+def test_stop_strings_need_the_tokenizer_as_in_hf(model):
+    ids, mask = _batch()
+    accelerate(model)
+    with pytest.raises(ValueError, match="tokenizer"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, stop_strings=["w9"])
+
+
+def test_num_return_sequences(model):
+    """Sampling: rows repeated in place as HF does (a point mass reproduces greedy per copy);
+    greedy: HF's own refusal."""
+    ids, mask = _batch()
+    ref = hf_greedy(model, ids, mask, 10)
+    accelerate(model)
+    out = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=True, top_k=1, num_return_sequences=3)
+    assert torch.equal(out, ref.repeat_interleave(3, 0))
+    with pytest.raises(ValueError, match="num_return_sequences"):
+        model.generate(ids, attention_mask=mask, max_new_tokens=4, num_return_sequences=2)
+
+
+def test_text_generation_pipeline_matches_hf():
+    """transformers.pipeline on an accelerated model: single and batched inputs (padding), the
+    same text as the pipeline on the original model."""
+    from transformers import pipeline
+
+    tok = tiny_tokenizer()
+    texts = ["w7 w8 w9 w7 w8", "w10 w11", "w12", "w13 w14 w15"]
+    pipes = [pipeline("text-generation", model=m, tokenizer=tok) for m in (tiny_model("llama", 3), accelerate(tiny_model("llama", 3)))]
+    kw = dict(max_new_tokens=12, do_sample=False)
+    hf, ours = ([p(texts[0], **kw), p(texts, batch_size=4, **kw), p(texts, batch_size=2, repetition_penalty=1.5, **kw)]
+                for p in pipes)
+    assert hf == ours and hf[1][1][0]["generated_text"].startswith(texts[1])

@@ -145,3 +145,14 @@ def test_bench_quick_smoke(tmp_path):
         if r["status"] == "ok" and bench.METHODS[r["method"]].propd is not None:
             assert r["identical_rate"] == 1.0, r["method"]
     assert out.with_suffix(".png").exists() and "(quick.png)" in md.read_text()
+
+
+def test_rows_with_generate_options_are_compared_with_their_reference():
+    """A row with a repetition penalty is lossless against HF with the same penalty (its
+    reference runs even when not asked for), not against plain HF, whose outputs differ."""
+    methods = {"ngram-rep": Method("n-gram runtime, penalty", propd={"drafters": ("ngram",), "tree": "fixed"},
+                                   generate=bench.REPETITION, reference="hf-rep")}
+    rep = bench.run(tiny_model("llama"), _prompts(), methods=methods, max_new_tokens=MAX_NEW, progress=False)
+    assert _row(rep, "ngram-rep", 1)["identical_rate"] == 1.0
+    assert rep["methods"]["hf-rep"]["status"] == "ok" and rep["methods"]["ngram-rep"]["reference"] == "hf-rep"
+    assert _row(rep, "hf-rep", 1)["identical_rate"] < 1.0  # HF with the penalty differs from plain HF here

@@ -234,7 +234,9 @@ def pruned_model():
     torch._dynamo.reset()
     model = tiny_model("qwen2", seed=11, layers=LAYERS)
     accelerate(model, ProPDConfig(compile=True, prune=True, prune_head="lens", prune_layer=PRUNE_LAYER, prune_topk=3,
-                                  tree="fixed", max_tree_nodes=12))
+                                  tree="fixed", max_tree_nodes=12,
+                                  # frozen weights as in decoding, without autotuning (minutes per graph)
+                                  backend_options={"inductor_config": {"freezing": True}}))
     return model
 
 

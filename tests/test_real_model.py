@@ -35,22 +35,56 @@ def test_embedded_model_loads_from_the_cache(smollm):
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), again.state_dict().values()))
 
 
-def test_compiled_decoding_of_smollm2_is_identical_and_never_recompiles(smollm):
-    """Through torch.compile(backend="propd"): same tokens as HF greedy, 0 graphs after warm-up."""
+def test_compiled_decoding_of_smollm2_is_identical_and_compiles_nothing(smollm):
+    """Through the compiled package (frozen weights, autotuned GEMM templates): the same tokens as
+    HF greedy, batch 1 and a padded batch, and nothing compiled while decoding."""
     from torch._dynamo.utils import counters
 
-    from propd_compile.runtime_compile import warm_up
-
     model, tok = smollm
-    config = ProPDConfig(compile=True, max_tree_nodes=16)
+    config = ProPDConfig(compile=True)
     accelerate(model, config)
     try:
-        warm_up(model, config, batch_sizes=(1,))
-        graphs = counters["stats"]["unique_graphs"]
-        for q in prompts.mt_bench_sample(1)[2:4]:
-            enc = tok(prompts.chat_prompt(tok, q.turns[0]), return_tensors="pt")
+        assert model.propd.compiled(config, hidden=True)
+        built, graphs = counters["propd"]["packages_built"], counters["stats"]["unique_graphs"]
+        qs = prompts.mt_bench_sample(1)[2:5]
+        for texts in ([prompts.chat_prompt(tok, qs[0].turns[0])], [prompts.chat_prompt(tok, q.turns[0]) for q in qs[1:]]):
+            tok.padding_side = "left"
+            enc = tok(texts, return_tensors="pt", padding=True)
             ref = type(model).generate(model, **enc, max_new_tokens=64, do_sample=False)  # HF's own
             assert torch.equal(model.generate(**enc, max_new_tokens=64), ref)
-        assert counters["stats"]["unique_graphs"] == graphs
+        assert counters["propd"]["packages_built"] == built and counters["stats"]["unique_graphs"] == graphs
+    finally:
+        restore(model)
+
+
+def test_identical_to_hf_greedy_with_repetition_penalty_and_no_repeat_ngram(smollm):
+    """16 MT-Bench prompts (2 per category), batch 4: the options small chat models are run with."""
+    model, tok = smollm
+    texts = [prompts.chat_prompt(tok, q.turns[0]) for q in prompts.mt_bench_sample(2)]
+    options = dict(max_new_tokens=48, repetition_penalty=1.2, no_repeat_ngram_size=4)
+    accelerate(model, ProPDConfig(tree="fixed", max_tree_nodes=16))
+    try:
+        for i in range(0, len(texts), 4):
+            enc = tok(texts[i : i + 4], return_tensors="pt", padding=True)
+            ref = type(model).generate(model, **enc, do_sample=False, **options)  # HF's own
+            out = model.generate(**enc, **options)
+            assert torch.equal(out, ref), tok.batch_decode(torch.cat([out, ref])[:, enc["input_ids"].shape[1]:])
+    finally:
+        restore(model)
+
+
+def test_text_generation_pipeline_on_chat_inputs(smollm):
+    """pipeline("text-generation") on the accelerated model: a chat input and a batch of them
+    give HF's answers."""
+    from transformers import pipeline
+
+    model, tok = smollm
+    chats = [[{"role": "user", "content": q.turns[0]}] for q in prompts.mt_bench_sample(1)[:4]]
+    pipe = pipeline("text-generation", model=model, tokenizer=tok)
+    kw = dict(max_new_tokens=24, do_sample=False)
+    ref = [pipe(chats[0], **kw), pipe(chats, batch_size=4, **kw)]
+    accelerate(model, ProPDConfig(max_tree_nodes=16))
+    try:
+        assert [pipe(chats[0], **kw), pipe(chats, batch_size=4, **kw)] == ref
     finally:
         restore(model)

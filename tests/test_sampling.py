@@ -10,7 +10,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from transformers import (
     LogitsProcessorList,
-    RepetitionPenaltyLogitsProcessor,
     StoppingCriteria,
     StoppingCriteriaList,
     TemperatureLogitsWarper,
@@ -22,6 +21,7 @@ from models_tiny import EOS, PAD, hf_greedy, left_padded, tiny_model
 from propd_compile import ProPDConfig, accelerate
 from propd_compile.decoding import tree_generate
 from propd_compile.drafters import Drafter
+from propd_compile.processing import NodeProcessing
 from propd_compile.sampling import sampling_rule, sibling_acceptance, typical_threshold, typical_tree_accept
 from propd_compile.tree import TokenTree, TreeBatch
 
@@ -116,12 +116,12 @@ def _peaky_model(seed: int = 0) -> torch.nn.Module:
 
 @torch.no_grad()
 def _exact_joint(model, warpers: list, eos: int | None = None) -> torch.Tensor:
-    """P(first three sampled tokens = (a, b, c)) [V, V, V] by enumeration: p(a) p(b|a) p(c|a,b).
-    A row that emits `eos` stops: its later tokens are PAD."""
+    """P(first three sampled tokens = (a, b, c)) [V, V, V] by enumeration: p(a) p(b|a) p(c|a,b),
+    each processed on its exact history. A row that emits `eos` stops: its later tokens are PAD."""
     seqs = torch.tensor([PROMPT + [a, b] for a in range(V) for b in range(V)])
     logits = model(seqs).logits[:, -3:].float()
     procs = LogitsProcessorList(warpers)
-    p = [torch.softmax(procs(seqs, logits[:, i]), -1) for i in range(3)]
+    p = [torch.softmax(procs(seqs[:, : len(PROMPT) + i], logits[:, i]), -1) for i in range(3)]
     p1, p2, p3 = p[0][0], p[1].view(V, V, V)[:, 0], p[2].view(V, V, V)
     joint = p1[:, None, None] * p2[:, :, None] * p3
     if eos is not None:
@@ -196,10 +196,10 @@ def test_tree_sampling_draws_the_models_joint_distribution(mode, warp):
     model = _peaky_model()
     n = 4000
     ids = torch.tensor([PROMPT] * n)
-    rule = sampling_rule(LogitsProcessorList(WARPERS[warp]), torch.Generator().manual_seed(1))
     out, stats = tree_generate(
         model, ids, torch.ones_like(ids), max_new_tokens=3, eos_token_ids=[], pad_token_id=PAD,
-        drafter=TableDrafter(model, mode), max_tree_nodes=16, accept=rule,
+        drafter=TableDrafter(model, mode), max_tree_nodes=16, accept=sampling_rule(torch.Generator().manual_seed(1)),
+        process=NodeProcessing(LogitsProcessorList(WARPERS[warp]), ids),
     )
     assert _chi_square_p_value(out[:, len(PROMPT):], _exact_joint(model, WARPERS[warp])) > 1e-3
     if mode in ("right", "top_tree"):  # drafts are accepted: fewer steps than tokens
@@ -211,7 +211,7 @@ def test_typical_acceptance_is_lossy():
     above can see a wrong distribution."""
     model = _peaky_model()
     ids = torch.tensor([PROMPT] * 4000)
-    rule = sampling_rule(LogitsProcessorList(), torch.Generator().manual_seed(1), acceptance="typical")
+    rule = sampling_rule(torch.Generator().manual_seed(1), acceptance="typical")
     out, stats = tree_generate(
         model, ids, torch.ones_like(ids), max_new_tokens=3, eos_token_ids=[], pad_token_id=PAD,
         drafter=TableDrafter(model, "top_tree"), max_tree_nodes=16, accept=rule,
@@ -261,22 +261,12 @@ def test_sampling_is_reproducible_and_handles_eos_and_stopping_in_batches():
 @pytest.mark.parametrize("compile", [False, True])
 def test_sampling_from_a_point_mass_is_greedy(compile):
     """top_k=1 leaves one token of probability 1: sampling must then reproduce greedy exactly,
-    whatever the drafts, on the eager and the compiled forward."""
-    model = tiny_model("llama", seed=3)
+    whatever the drafts, on the eager and the compiled forward (the session's compiled tiny
+    Llama: its package is built once)."""
+    model = tiny_model("llama", seed=1)
     ids, mask = left_padded([[7, 8, 9, 7, 8, 9, 7], [10, 11, 12], [13]])
     ref = hf_greedy(model, ids, mask, 20)
     accelerate(model, ProPDConfig(compile=compile, max_tree_nodes=8))
     for acceptance in ("exact", "typical"):
         model.propd.config = model.propd.config.with_(acceptance=acceptance)
         assert torch.equal(model.generate(ids, attention_mask=mask, max_new_tokens=20, do_sample=True, top_k=1), ref)
-
-
-def test_history_dependent_processors_are_refused(monkeypatch):
-    model = accelerate(tiny_model("llama"))
-    ids, mask = left_padded([[7, 8, 9]])
-    with pytest.raises(NotImplementedError, match="repetition_penalty"):
-        model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=True, repetition_penalty=1.2)
-    # whatever adds it, a processor that reads the history is refused by class
-    monkeypatch.setattr(model, "_get_logits_processor", lambda *a, **k: [RepetitionPenaltyLogitsProcessor(1.2)])
-    with pytest.raises(NotImplementedError, match="RepetitionPenaltyLogitsProcessor"):
-        model.generate(ids, attention_mask=mask, max_new_tokens=4, do_sample=True)
