@@ -53,6 +53,12 @@ class RankStats:
             stats.trials[d] = weight
         return stats
 
+    @classmethod
+    def for_heads(cls, heads, ranks: int) -> "RankStats":
+        """Statistics for draft heads (`heads.MedusaHeads`): warm from their held-out accuracies, if they have any."""
+        acc = (heads.accuracy or {}).get("rank_accuracy")
+        return cls.warm(acc, ranks=ranks) if acc else cls(heads.num_heads, ranks)
+
     def observe(self, depth: int, rank: int | None) -> None:
         """Head `depth` was checked against a verified token that was its rank `rank` (None: missed)."""
         if depth >= self.num_heads:

@@ -69,13 +69,18 @@ def fetch(packaged: PackagedFile) -> Path:
     return out
 
 
+def converted_dir(name: str = DEFAULT_MODEL) -> Path:
+    """Where the embedded model `name` lives once converted to safetensors."""
+    return cache_dir() / "models" / name
+
+
 def load(name_or_path: str = DEFAULT_MODEL, dtype: torch.dtype = torch.float32, device: str = "cpu"):
     """(model, tokenizer), offline for the embedded model; anything else via `from_pretrained`."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kwargs = dict(dtype=dtype, attn_implementation="sdpa")
     if name_or_path in EMBEDDED:
-        converted = cache_dir() / "models" / name_or_path
+        converted = converted_dir(name_or_path)
         if not (converted / "model.safetensors").exists():
             gguf = fetch(EMBEDDED[name_or_path])
             log.info("converting %s to safetensors (once, ~20 s)", gguf.name)

@@ -161,8 +161,7 @@ def new_planner(model: torch.nn.Module, config) -> TreePlanner:  # config: ProPD
     heads = heads_for(config, model)
     rank_stats = None
     if heads is not None:
-        acc = (heads.accuracy or {}).get("rank_accuracy")
-        rank_stats = RankStats.warm(acc, ranks=config.heads_topk) if acc else RankStats(heads.num_heads, config.heads_topk)
+        rank_stats = RankStats.for_heads(heads, config.heads_topk)
     from propd_compile.state import state_of
 
     state = state_of(model)

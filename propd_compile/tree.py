@@ -174,6 +174,19 @@ class TokenTree:
             node = self.parents[node]
         return out[::-1]
 
+    def best_path(self, max_depth: int | None = None) -> list[int]:
+        """Node indices from the root down its best-scored child at every level (ties: the
+        first), at most `max_depth` below the root: the one chain of an engine that verifies chains."""
+        best: dict[int, int] = {}
+        for i in range(1, len(self)):
+            p = self.parents[i]
+            if p not in best or self.scores[i] > self.scores[best[p]]:
+                best[p] = i
+        out = [0]
+        while out[-1] in best and (max_depth is None or len(out) <= max_depth):
+            out.append(best[out[-1]])
+        return out
+
     def ancestor_mask(self) -> torch.Tensor:
         """[n, n] bool: row i is True at i and every ancestor of i."""
         n = len(self)

@@ -90,3 +90,17 @@ def test_batch_padding_is_inert(tree_list):
         for i in range(n, T):
             assert batch.ancestors[b, i].nonzero().flatten().tolist() == [i]
             assert not batch.ancestors[b, :, i][torch.arange(T) != i].any()
+
+
+@settings(deadline=None, max_examples=100)
+@given(trees(), st.data())
+def test_best_path_takes_the_best_scored_child_at_every_level(tree, data):
+    scores = [1.0] + [data.draw(st.floats(0.0, 1.0)) for _ in range(len(tree) - 1)]
+    tree = TokenTree(tree.tokens, tree.parents, tuple(scores))
+    depth = data.draw(st.none() | st.integers(0, 6))
+    path = tree.best_path(depth)
+    assert path == tree.path(path[-1])  # a chain from the root
+    children = lambda p: [i for i in range(1, len(tree)) if tree.parents[i] == p]  # noqa: E731
+    for p, c in zip(path, path[1:]):
+        assert tree.scores[c] == max(tree.scores[i] for i in children(p))
+    assert (depth is not None and len(path) == depth + 1) or not children(path[-1])

@@ -1,0 +1,1 @@
+"""ProPD inside other inference engines (vLLM), reusing the drafters, acceptance and latency models."""
