@@ -177,7 +177,7 @@ def cmd_warmup(args) -> int:
 
 
 # --quick: a CI smoke test (a few minutes on 2 cores) that checks losslessness only, never speed.
-QUICK = dict(per_category=1, prompts=None, max_new_tokens=32, batch_sizes=[1, 4], repeats=1)
+QUICK = dict(per_category=1, prompts=4, max_new_tokens=32, batch_sizes=[1, 4], repeats=1)
 LARGE_BATCHES = [16, 32]
 
 
@@ -336,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--methods", nargs="+", default=None, choices=list(METHODS),
                    help="methods to run (default: all; hf, the baseline, always runs)")
     b.add_argument("--quick", action="store_true",
-                   help="smoke test: 8 prompts, 32 tokens, batch 1 and 4, the methods that need no compiling")
+                   help="smoke test: 4 prompts, 32 tokens, batch 1 and 4, the methods that need no compiling")
     b.add_argument("--per-category", type=int, default=1, help="MT-Bench questions per category (10 = all)")
     b.add_argument("--prompts", type=int, default=None, help="use only the first N sampled questions")
     b.add_argument("--turn2", action="store_true", help="also MT-Bench turn 2 (after HF greedy's turn-1 answer)")
