@@ -691,7 +691,7 @@ def _hf_step_seconds(model, batch: int, kv_len: int, repeats: int, gen: torch.Ge
         t = time.perf_counter()
         model(input_ids=step, past_key_values=cache, use_cache=True)
         times.append(time.perf_counter() - t)
-        cache.crop(kv_len)
+        cache.crop(-1)  # drop the token this step added (transformers counts what to remove)
     return statistics.median(times[1:])
 
 

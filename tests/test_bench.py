@@ -156,3 +156,17 @@ def test_rows_with_generate_options_are_compared_with_their_reference():
     assert _row(rep, "ngram-rep", 1)["identical_rate"] == 1.0
     assert rep["methods"]["hf-rep"]["status"] == "ok" and rep["methods"]["ngram-rep"]["reference"] == "hf-rep"
     assert _row(rep, "hf-rep", 1)["identical_rate"] < 1.0  # HF with the penalty differs from plain HF here
+
+
+def test_latency_report_measures_every_forward_against_hfs_own_step():
+    """`propd bench --latency`: every forward at every batch and tree size, over HF's eager
+    one-token step at the same batch (its cache cut back to the KV length after each step)."""
+    from propd_compile.decoding import eager_forward
+
+    model = tiny_model("llama")
+    rep = bench.verify_latency(model, {"eager": eager_forward(model)}, sizes=(1, 4), batches=(1, 2), kv_len=16, repeats=2)
+    assert set(rep["hf_step_ms"]) == {1, 2} and all(v > 0 for v in rep["hf_step_ms"].values())
+    for b in (1, 2):
+        for T in (1, 4):
+            assert rep["ratio_to_hf_step"]["eager"][b][T] == pytest.approx(rep["ms"]["eager"][b][T] / rep["hf_step_ms"][b])
+    assert "| 4 |" in bench.latency_markdown(rep)
