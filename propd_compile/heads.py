@@ -10,7 +10,7 @@ With `root_token=True` (the default of `propd train-heads`) each head also reads
 embedding e of token t+1, the tree's root, which verification has already fixed when the heads
 run:  logits_k = LMHead(h_t + V_k SiLU(W_k [h_t; e] + b_k) + c_k)  (V_k, c_k zero at init).
 Knowing the next token is most of what a head at a small model lacks: on SmolLM2 held-out
-answers head 0's top-1 goes from 0.28 to 0.42 with the same data (BENCHMARKS.md, #4).
+answers head 0's top-1 goes from 0.28 to 0.42 with the same data (BENCHMARKS.md, "Draft heads: accuracy").
 
 On disk a heads directory holds `heads.safetensors` (the residual blocks, fp16 by default),
 `config.json` (sizes, K, and the base model's identity: name, a hash of its architecture

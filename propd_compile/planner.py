@@ -88,9 +88,8 @@ class TreePlanner:
             order = best_first(tree, l)
             orders.append(order)
             gains.append([l[i] for i in order])
-        active = [b for b in range(B) if orders[b] is not None]
-        sizes = [1 if b in active else 0 for b in range(B)]
-        expected = float(len(active))  # every root is a token
+        sizes = [0 if order is None else 1 for order in orders]
+        expected = float(sum(sizes))  # every root is a token
         best = None
         candidates = self._ragged_additions(gains) if self.ragged else self._shared_additions(gains)
         for added in candidates:
