@@ -215,7 +215,11 @@ def propd_generate(
     taps = drafter.feature_layers
     forward = state.forward(config, hidden=drafter.needs_hidden, taps=taps)
     compiled = state.compiled(config, drafter.needs_hidden, taps)
-    prefill = forward if compiled and not config.prune else None
+    prefill = None
+    if compiled and not config.prune:
+        from propd_compile.runtime_compile import prefill_forward
+
+        prefill = prefill_forward(model, forward, drafter.needs_hidden, taps)
     sequences, stats = tree_generate(
         model,
         call.input_ids,

@@ -14,7 +14,7 @@ not a constant that would recompile every step.
 """
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any, Mapping, Sequence
 
 import torch
 from transformers.cache_utils import Cache
@@ -131,22 +131,28 @@ class TreeKVCache(Cache):
         self.valid[:, :P] = attention_mask_2d.bool()
         self.lengths = [P] * len(self.lengths)
 
-    def compact(self, row: int, tree_start: int, kept_nodes: Sequence[int]) -> None:
-        """Keep the KV of tree nodes `kept_nodes` (written at tree_start + node) of one row."""
-        if not kept_nodes:
-            return
-        dst0 = self.lengths[row]
-        n = len(kept_nodes)
-        if dst0 + n > self.max_len:
-            raise RuntimeError("KV cache overflow during compaction")
-        # Entries already where they belong (the row is at the write start and the kept nodes are
-        # the tree's first n: plain steps, accepted chains at batch 1) need no copy; otherwise
-        # move the rest, starting at the first entry out of place.
-        first = next((i for i, node in enumerate(kept_nodes) if tree_start + node != dst0 + i), n)
-        if first < n:
-            src = torch.tensor(kept_nodes[first:], device=self.valid.device) + tree_start
+    def compact(self, tree_start: int, kept: Mapping[int, Sequence[int]]) -> None:
+        """Keep the KV of each row's tree nodes `kept[row]` (written at tree_start + node), moved
+        to the row's own next slots; one gather and scatter per buffer for all rows."""
+        rows, src, dst = [], [], []
+        for row, nodes in kept.items():
+            if not nodes:
+                continue
+            dst0, n = self.lengths[row], len(nodes)
+            if dst0 + n > self.max_len:
+                raise RuntimeError("KV cache overflow during compaction")
+            # Entries already where they belong (the row is at the write start and the kept nodes
+            # are the tree's first n: plain steps, accepted chains at batch 1) need no copy;
+            # otherwise move the rest, starting at the first entry out of place.
+            first = next((i for i, node in enumerate(nodes) if tree_start + node != dst0 + i), n)
+            for i in range(first, n):
+                rows.append(row)
+                src.append(tree_start + nodes[i])
+                dst.append(dst0 + i)
+            self.valid[row, dst0 : dst0 + n] = True
+            self.lengths[row] = dst0 + n
+        if rows:
+            device = self.valid.device
+            r, s, d = (torch.tensor(x, device=device) for x in (rows, src, dst))
             for buf in (*self.keys, *self.values):
-                # index_select gathers into a new tensor first: the ranges may overlap
-                buf[row, :, dst0 + first : dst0 + n] = buf[row].index_select(1, src)
-        self.valid[row, dst0 : dst0 + n] = True
-        self.lengths[row] = dst0 + n
+                buf[r, :, d] = buf[r, :, s]  # the gather is made before the scatter: ranges may overlap

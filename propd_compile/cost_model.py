@@ -15,7 +15,9 @@ The fit is least squares with recency weights exp(-age / half_life * ln 2) (ProP
 measurements less), a small ridge term so collinear features (T_kept = T without pruning) stay
 solvable, and non-negative predictions. It is refit online from every measured step, and
 `propd calibrate` measures this machine offline (`calibrate`), reports the error on held-out
-steps and saves the fit, which warm-starts decoding.
+steps and saves the fit, which warm-starts decoding. A loaded fit stays the prior of the online
+refits (the ridge term pulls toward it, not toward zero): decoding mostly measures the shapes it
+runs, often plain steps only, and those alone would let the refit say anything about trees.
 """
 from __future__ import annotations
 
@@ -54,6 +56,10 @@ class LatencyModel:
     max_points: int = 2048
     refit_every: int = 16
     coef: list[float] | None = None
+    # coefficients the refits shrink toward (a loaded calibration), with the weight of this many steps
+    prior: list[float] | None = None
+    prior_weight: float = 8.0
+    max_batch: int | None = None  # the largest batch size a loaded calibration measured (beyond: extrapolation)
     points: list[tuple[list[float], float, int]] = field(default_factory=list)  # (x, seconds, step)
     step: int = 0
     _since_fit: int = 0
@@ -77,8 +83,13 @@ class LatencyModel:
         w = torch.exp(-age * math.log(2) / self.half_life)
         scale = X.abs().amax(0).clamp(min=1e-12)  # features on one scale, so one ridge fits all
         Xs = X / scale
-        A = Xs.T @ (w[:, None] * Xs) + self.ridge * w.sum() * torch.eye(X.shape[1], dtype=torch.float64)
-        beta = torch.linalg.solve(A, Xs.T @ (w * y)) / scale
+        eye = torch.eye(X.shape[1], dtype=torch.float64)
+        A = Xs.T @ (w[:, None] * Xs) + self.ridge * w.sum() * eye
+        b = Xs.T @ (w * y)
+        if self.prior is not None:  # shrink toward the prior where the data say little
+            A = A + self.prior_weight * eye
+            b = b + self.prior_weight * torch.tensor(self.prior, dtype=torch.float64) * scale
+        beta = torch.linalg.solve(A, b) / scale
         self.coef = beta.tolist()
         self._since_fit = 0
 
@@ -103,7 +114,7 @@ class LatencyModel:
     def from_dict(cls, d: dict) -> "LatencyModel":
         if d.get("features") != list(FEATURES):
             raise ValueError(f"latency fit has features {d.get('features')}, this propd uses {list(FEATURES)}; rerun `propd calibrate`")
-        return cls(half_life=d["half_life"], ridge=d["ridge"], coef=d["coef"])
+        return cls(half_life=d["half_life"], ridge=d["ridge"], coef=d["coef"], prior=list(d["coef"]))
 
 
 def calibration_path(model: torch.nn.Module, compiled: bool = False, root: Path | None = None) -> Path:
@@ -128,7 +139,10 @@ def load_calibration(model: torch.nn.Module, compiled: bool = False) -> LatencyM
     if not path.exists():
         return None
     try:
-        return LatencyModel.from_dict(json.loads(path.read_text())["fit"])
+        report = json.loads(path.read_text())
+        fit = LatencyModel.from_dict(report["fit"])
+        fit.max_batch = max((p["batch"] for p in report.get("points", [])), default=None)
+        return fit
     except (ValueError, KeyError, TypeError) as e:  # JSONDecodeError is a ValueError
         log.warning("ignoring the latency calibration %s (%s); measuring steps online instead", path, e)
         return None

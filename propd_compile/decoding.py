@@ -88,11 +88,25 @@ def eager_forward(model: torch.nn.Module, hidden: bool = False, taps: tuple[int,
         step, ids, pos = _packed(cache, input_ids, position_ids)
         logits = model(
             input_ids=ids, attention_mask=mask, position_ids=pos, cache=cache, use_cache=True,
-            logits_to_keep=int(last_only), **model_kwargs(step),
+            logits_to_keep=_kept(step, last_only), **model_kwargs(step),
         ).logits
-        return step.unpack(logits, input_ids.shape) if step else logits
+        return _logits_layout(step, logits, input_ids.shape, last_only)
 
     return forward
+
+
+def _kept(step, last_only: bool) -> int | torch.Tensor:
+    """HF's `logits_to_keep`: all positions (0), the last (1), or with a packing each row's last."""
+    if not last_only:
+        return 0
+    return 1 if step is None else step.pack[:, -1]
+
+
+def _logits_layout(step, logits: torch.Tensor, shape: tuple[int, int], last_only: bool) -> torch.Tensor:
+    """Logits in the decode loop's layout: [B, T, V], or [B, 1, V] with `last_only`."""
+    if step is None:
+        return logits
+    return logits[0][:, None] if last_only else step.unpack(logits, shape)
 
 
 def _packed(cache, input_ids: torch.Tensor, position_ids: torch.Tensor):
@@ -118,11 +132,12 @@ def hidden_forward(model: torch.nn.Module, taps: tuple[int, ...] = ()) -> Forwar
             output_hidden_states=bool(taps), **model_kwargs(step),
         )
         h = out.last_hidden_state
-        outs = [lm_head(h[:, -1:] if last_only else h), h]
+        logits = lm_head(h[:, _kept(step, True)] if last_only and step is not None else h[:, -1:] if last_only else h)
+        outs = [_logits_layout(step, logits, input_ids.shape, last_only), h]
         if taps:
             outs.append(torch.cat([out.hidden_states[t] for t in taps], -1))
         if step is not None:
-            outs = [step.unpack(x, input_ids.shape) for x in outs]
+            outs[1:] = [step.unpack(x, input_ids.shape) for x in outs[1:]]
         return tuple(outs)
 
     return forward
@@ -177,11 +192,13 @@ def tree_generate(
     `accept` decides what each step emits (greedy by default); the token after the prompt is the
     bonus token of a root-only tree, so the rule also picks it. With a `planner` (dynamic trees)
     the drafters propose up to `max_tree_nodes` nodes and the planner cuts every step's trees to
-    the size it expects to be fastest, learning from each step's outcome and time. `prefill`
-    runs the prompt (default: the eager forward; a compiled one where it takes prompts). With
-    `ragged` (the model's attention reads packings: `propd_compile.ragged`), rows verify only
-    their own trees and finished rows nothing, instead of every row padding to the largest tree. With `process`
-    (logits processors) `accept` sees every node's logits processed on that node's history.
+    the size it expects to be fastest, learning from each step's outcome and time (and skips
+    drafting while it does not pay). `prefill` runs the prompt (default: the eager forward; a
+    compiled one where it takes prompts). With `ragged` (the model's attention reads packings:
+    `propd_compile.ragged`), the prefill computes no padding, and steps verify only each row's
+    own tree and nothing for finished rows, instead of every row padding to the largest tree.
+    With `process` (logits processors) `accept` sees every node's logits processed on that
+    node's history.
     """
     t0 = time.perf_counter()
     needs_hidden = getattr(drafter, "needs_hidden", False)
@@ -198,7 +215,7 @@ def tree_generate(
     n_real = valid_prompt.sum(1)
     pos = (valid_prompt.long().cumsum(1) - 1).clamp(min=0)
     mask = _prefill_mask(valid_prompt)
-    cache.begin_step(mask)
+    cache.begin_step(mask, valid_prompt if ragged else None)  # ragged: the padding is not computed
     out = (prefill or eager_forward(model, hidden=needs_hidden, taps=taps))(input_ids, mask, pos, cache, last_only=True)
     logits, hidden, features = _outputs(out, needs_hidden, taps)
     logits = logits[:, -1]
@@ -237,23 +254,29 @@ def tree_generate(
     for b in range(B):
         appended = emit(b, [first[b]])
         drafter.advance(b, appended)
+    t_draft = time.perf_counter()
     if needs_hidden:
         _give_hidden(drafter, done, hidden[:, -1], [-1] * B)
     if taps:
         _give_features(drafter, done, features, [valid_prompt[b].nonzero().flatten().tolist() for b in range(B)])
+    prepared = time.perf_counter() - t_draft  # seconds the drafters spent preparing the next step
     if stream is not None:
         stream.update(generated, done)
 
+    # whether this step runs the drafters that read hidden states (a planner skips them while
+    # they do not pay; the others, cheap, always run)
+    drafting = True
     while not all(done):
         active = [b for b in range(B) if not done[b]]
         W = cache.write_start
         t_draft = t_step = time.perf_counter()
         trees = [drafter.propose(b, max_tree_nodes) if not done[b] else None for b in range(B)]
-        stats.draft_seconds += time.perf_counter() - t_draft
+        proposing = time.perf_counter() - t_draft
+        draft_seconds = prepared + proposing  # this step's drafting: prepared after the last step, proposed now
         if planner is not None:
             if stats.steps == 0:
                 planner.warm_up(model, forward, B, W)
-            trees = planner.plan(trees, W)
+            trees = planner.plan(trees, W, drafted=drafting and needs_hidden)
         trees = [t if t is not None else TokenTree.root_only(generated[b][-1]) for b, t in enumerate(trees)]
         batch = TreeBatch.stack(trees, pad_token=pad_token_id)
         T = batch.num_nodes
@@ -283,6 +306,7 @@ def tree_generate(
             stats.latency_errors += planner.latency_errors[n_errors:]
             stats.outcomes += planner.outcomes[n_outcomes:]
         stats.steps += 1
+        kept_nodes = {}
         for b in active:
             path = paths[b]
             proposal = batch.tokens[b, path[1:]].tolist() + [bonus[b]]
@@ -293,18 +317,22 @@ def tree_generate(
             stats.accepted.append(len(appended))
             stats.rows.append(b)
             if not done[b]:
-                cache.compact(b, W, path)
+                kept_nodes[b] = path
                 n_real_l[b] += len(path)
+        cache.compact(W, kept_nodes)
+        drafted, drafting = drafting and needs_hidden, planner is None or planner.should_draft()
         t_draft = time.perf_counter()
-        if needs_hidden:
+        if needs_hidden and drafting:
             _give_hidden(drafter, done, hidden, [paths[b][-1] for b in range(B)])
-        if taps:
+        if taps:  # the feature drafter extends its own state from every verified step
             _give_features(drafter, done, features, paths)
-        stats.draft_seconds += time.perf_counter() - t_draft
+        prepared = time.perf_counter() - t_draft
+        stats.draft_seconds += proposing + prepared
         if stream is not None:
             stream.update(generated, done)
         if planner is not None:
-            planner.observe_overhead(tokens, time.perf_counter() - t_step - timer.seconds)
+            around = time.perf_counter() - t_step - timer.seconds - proposing - prepared
+            planner.observe_overhead(tokens, around, len(active), draft_seconds if drafted else None)
     if stream is not None:
         stream.end(generated)
 

@@ -4,11 +4,12 @@ Each row's drafter proposes a candidate tree of up to `max_nodes` nodes. The acc
 turns its scores into calibrated path probabilities l; ranking a row's nodes by l (parents
 first) gives a nested family of ancestor-closed trees, the first n nodes for n = 1, 2, ...
 A step's time is the forward's (the latency model, `cost_model`) plus what the step costs
-around it (drafting, acceptance, cache bookkeeping: `overhead`, learnt online by node count).
+around it (acceptance, cache bookkeeping: `overhead`, learnt online by node count) plus the
+drafting (`drafting`, learnt online by row count).
 
 Padded steps (every row verifies the batch's largest tree) share one size n:
 
-    n* = argmax_n  sum_rows E_row(n) / (T_fwd(B, n, KV) + T_around(B n)),  E_row(n) = sum of l over its first n nodes
+    n* = argmax_n  sum_rows E_row(n) / (T_fwd(B, n, KV) + T_around(B n) + T_draft(B)),  E_row(n) = sum of l over its first n nodes
 
 Ragged steps (`ragged`: rows verify their own sizes, `propd_compile.ragged`) give each row its
 own size: nodes join in order of l across all rows (a row's l never grows along its order, so
@@ -17,12 +18,19 @@ expected tokens), and the planner picks the N with the best rate; the forward's 
 N real nodes and the largest row's size T (attention runs each row padded to T).
 
 One node per row (a plain step) is always a candidate, so decoding falls back to plain steps
-when drafts are poor. After the step the acceptance model learns from what was accepted and the
-latency models from the measured times.
+when drafts are poor. Drafting itself is not free: the drafters that read the verification's
+hidden states (the heads: an LM-head product per head and row) cost milliseconds a step. When
+the best tree, their drafting included, is clearly (SKIP_MARGIN) slower per token than a plain
+step without it, the next steps skip them (`should_draft`: 1, 2, 4, ... up to MAX_SKIP steps
+while that keeps happening, none once they pay again) and plan on the cheap drafts (n-gram)
+alone, so decoding with poor drafts costs what plain decoding costs. After the step the acceptance
+model learns from what was accepted and the latency models from the measured times.
 
-Without a saved calibration (`propd calibrate`), the planner measures a few step shapes the first
-time it sees a batch size (at the current KV length; about a second on the embedded model), so
-that the first choices are already informed; everything is refit online.
+Without a saved calibration (`propd calibrate`), or at a batch size larger than it measured, the
+planner measures a few step shapes the first time it sees a batch size (at the current KV length,
+up to PROBE_TOKENS nodes; about a second on the embedded model), so that the first choices are
+already informed, plain steps included: a planner that only ever runs trees at a batch size would
+otherwise compare them with an extrapolated plain step. Everything is refit online.
 """
 from __future__ import annotations
 
@@ -36,6 +44,12 @@ from propd_compile.cost_model import LatencyModel, features, load_calibration, m
 from propd_compile.tree import TokenTree
 
 PROBE_SIZES = (1, 2, 4, 8, 16, 32, 64)
+PROBE_TOKENS = 256  # nodes in all of a probed step, at most (beyond one per row)
+MAX_SKIP = 16  # steps without the costly drafters between two with them, at most
+# Drafting is skipped only when the best tree is expected to be this much slower per token than
+# a plain step without it: the estimates are about 10% off (latency) and near-ties are as likely
+# to pay as not, while skipping also stops the acceptance model's learning.
+SKIP_MARGIN = 0.05
 
 
 def best_first(tree: TokenTree, l: Sequence[float]) -> list[int]:
@@ -49,6 +63,9 @@ class TreePlanner:
         self.acceptance, self.latency, self.max_nodes, self.ragged = acceptance, latency, max_nodes, ragged
         # seconds a step spends outside the forward, on features [1, N real nodes]
         self.overhead = LatencyModel(refit_every=4)
+        self.drafting = LatencyModel(refit_every=4)  # seconds of drafting, on features [1, rows]
+        self._skip = 0  # plain steps left before the next drafted one
+        self._backoff = 0  # length of the last skip (doubles while drafting does not pay)
         self.calibrated = latency.ready  # from `propd calibrate`: no probing needed
         self.seen_batches: set[int] = set()
         self.kept_fraction = 1.0  # share of tree nodes past early pruning (running mean; 1 without pruning)
@@ -61,10 +78,13 @@ class TreePlanner:
 
     def warm_up(self, model: torch.nn.Module, forward, batch: int, kv: int) -> None:
         """Measure a few shapes at this batch size, unless a calibration or earlier steps cover it."""
-        if self.calibrated or batch in self.seen_batches:
+        covered = self.calibrated and (self.latency.max_batch is None or batch <= self.latency.max_batch)
+        if covered or batch in self.seen_batches:
             return
-        for n in sorted({min(s, self.max_nodes) for s in PROBE_SIZES}):
+        sizes = {min(s, self.max_nodes) for s in PROBE_SIZES if batch * s <= max(PROBE_TOKENS, batch)}
+        for n in sorted(sizes):
             self.latency.observe(features(batch, n, n, kv), measure_step(model, forward, batch, n, max(kv, 1)))
+        self.latency.fit()
         self.seen_batches.add(batch)
 
     def step_seconds(self, batch: int, tree: int, kv: int, tokens: int) -> tuple[float, float]:
@@ -74,9 +94,14 @@ class TreePlanner:
         around = self.overhead.predict([1.0, float(tokens)]) if self.overhead.ready else 0.0
         return forward, forward + around
 
-    def plan(self, trees: Sequence[TokenTree | None], kv: int) -> list[TokenTree | None]:
+    def draft_seconds(self, rows: int) -> float:
+        """Predicted seconds of drafting for `rows` rows (0 until a drafted step was measured)."""
+        return self.drafting.predict([1.0, float(rows)]) if self.drafting.ready else 0.0
+
+    def plan(self, trees: Sequence[TokenTree | None], kv: int, drafted: bool = True) -> list[TokenTree | None]:
         """Trees for one step; `trees[b]` is row b's candidate tree, or None for a finished row
-        (it gets its root only and counts nothing)."""
+        (it gets its root only and counts nothing). `drafted`: the costly drafters proposed for
+        this step (their time counts, and whether they paid decides if they run next step)."""
         B = len(trees)
         orders, gains = [], []  # a row's nodes best first, and their path probabilities in that order
         for tree in trees:
@@ -90,7 +115,9 @@ class TreePlanner:
             gains.append([l[i] for i in order])
         sizes = [0 if order is None else 1 for order in orders]
         expected = float(sum(sizes))  # every root is a token
-        best = None
+        active = sum(sizes)
+        draft = self.draft_seconds(active) if drafted else 0.0
+        best, floor = None, (0.0, 0.0)
         candidates = self._ragged_additions(gains) if self.ragged else self._shared_additions(gains)
         for added in candidates:
             for b in added:
@@ -99,9 +126,15 @@ class TreePlanner:
             T = max(max(sizes, default=0), 1)
             tokens = sum(sizes) if self.ragged else B * T
             forward, seconds = self.step_seconds(B, T, kv, max(tokens, 1))
-            if best is None or expected / seconds > best[0]:
-                best = (expected / seconds, list(sizes), expected, forward, T, tokens)
-        _, sizes, expected, forward, T, tokens = best
+            # each candidate adds nodes to the last one: a fit may not make it cheaper
+            forward, seconds = max(forward, floor[0]), max(seconds, floor[1])
+            floor = (forward, seconds)
+            if best is None or expected / (seconds + draft) > best[0]:
+                best = (expected / (seconds + draft), list(sizes), expected, forward, T, tokens)
+        rate, sizes, expected, forward, T, tokens = best
+        if drafted:
+            plain = active / self.step_seconds(B, 1, kv, max(active if self.ragged else B, 1))[1]
+            self._schedule_drafting(pays=rate > (1 - SKIP_MARGIN) * plain)
         self.last_choice = {"n": T, "tokens": tokens, "sizes": sizes, "expected": expected, "predicted_seconds": forward}
         out = []
         for b, (tree, order) in enumerate(zip(trees, orders)):
@@ -110,6 +143,19 @@ class TreePlanner:
             else:
                 out.append(tree.subtree(order[: sizes[b]]) if sizes[b] < len(tree) else tree)
         return out
+
+    def _schedule_drafting(self, pays: bool) -> None:
+        """After a drafted step: draft again next step if it paid, else skip 1, 2, 4, ... steps."""
+        self._backoff = 0 if pays else min(max(2 * self._backoff, 1), MAX_SKIP)
+        self._skip = self._backoff
+
+    def should_draft(self) -> bool:
+        """Whether the next step runs the costly drafters (asked once per step, before they would
+        prepare it)."""
+        if self._skip > 0:
+            self._skip -= 1
+            return False
+        return True
 
     @staticmethod
     def _shared_additions(gains: Sequence[Sequence[float]]):
@@ -146,9 +192,12 @@ class TreePlanner:
         self.seen_batches.add(batch)
         self.calibrated_steps += 1
 
-    def observe_overhead(self, tokens: int, seconds: float) -> None:
-        """Learn what a step of `tokens` real nodes cost outside its forward."""
+    def observe_overhead(self, tokens: int, seconds: float, rows: int = 0, draft_seconds: float | None = None) -> None:
+        """Learn what a step of `tokens` real nodes cost outside its forward, besides drafting, and
+        (`draft_seconds`, for a step whose `rows` rows drafted) what its drafting cost."""
         self.overhead.observe([1.0, float(tokens)], max(seconds, 0.0))
+        if draft_seconds is not None and rows > 0:
+            self.drafting.observe([1.0, float(rows)], max(draft_seconds, 0.0))
 
 
 def new_planner(model: torch.nn.Module, config) -> TreePlanner:  # config: ProPDConfig

@@ -13,8 +13,10 @@ the output kind, the thread count, the CPU, torch and propd's passes/kernels), s
 process loads it in about a second instead of compiling for minutes (`propd warmup` builds it).
 
 One package serves every step: plain one-token steps, trees of any size, any batch size, and
-the prefill (`last_only`: the LM head runs on the last position only). It holds one frozen copy
-of the weights (the GEMM templates' packed layout), beside the model's own parameters.
+the prefill (`last_only`: the LM head runs on the last position only) of short prompts; on CPU,
+prompts of more than EAGER_PREFILL_TOKENS real tokens prefill on eager kernels, which are
+faster at hundreds of rows (`prefill_forward`). It holds one frozen copy of the weights (the
+GEMM templates' packed layout), beside the model's own parameters.
 
 `ProPDConfig.compile`: "auto" (default) uses the package when it is already built and eager
 kernels otherwise (so a first run is not a multi-minute compile), True builds it when missing,
@@ -286,6 +288,27 @@ def package_forward(model: torch.nn.Module, run: Callable, hidden: bool, taps: t
         logits = out[0].view(B, 1, -1) if last_only else step.unpack(out[0], (B, T))
         rest = [step.unpack(x, (B, T)) for x in out[1 : 1 + bool(hidden or taps) + bool(taps)]]
         return (logits, *rest) if hidden or taps else logits
+
+    return forward
+
+
+# Prefills of more real tokens than this run eager on CPU: there MKL's GEMMs beat the package's
+# (autotuned for decode-sized steps) on long prompts. One prompt, 2 threads, package vs eager
+# (examples/prefill_kernels.py): 32 tokens 122 vs 162 ms, 64 206 vs 201, 96 267 vs 257, 128 393
+# vs 294, 512 1699 vs 1149; 8 MT-Bench prompts packed (628 real tokens) 2.2 vs 1.6 s.
+EAGER_PREFILL_TOKENS = 80
+
+
+def prefill_forward(model: torch.nn.Module, compiled: Forward, hidden: bool, taps: tuple[int, ...] = ()) -> Forward:
+    """The prefill's forward beside a compiled one: the package for short prompts, eager kernels
+    on CPU for prompts of more than EAGER_PREFILL_TOKENS real tokens."""
+    if next(model.parameters()).device.type != "cpu":
+        return compiled
+    eager = eager_forward(model, hidden=hidden, taps=taps)
+
+    def forward(input_ids, mask, position_ids, cache, last_only: bool = False):
+        tokens = cache.ragged.flat.numel() if cache.ragged is not None else input_ids.numel()
+        return (eager if tokens > EAGER_PREFILL_TOKENS else compiled)(input_ids, mask, position_ids, cache, last_only)
 
     return forward
 

@@ -33,7 +33,7 @@ def test_compaction_keeps_exactly_the_accepted_entries(data):
     for b in range(B):
         nodes = sorted(data.draw(st.sets(st.integers(0, T - 1), max_size=T)))
         kept[b] = nodes
-        c.compact(b, W, nodes)
+    c.compact(W, kept)
     after_k, after_v = _stacked(c)
     for b in range(B):
         n0, nodes = lengths[b], kept[b]

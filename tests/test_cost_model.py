@@ -54,6 +54,28 @@ def test_recent_steps_outweigh_stale_ones():
     assert model.mape(synthetic(coef, SHAPES, 0.0, rng)) > 0.3
 
 
+def test_a_loaded_calibration_stays_the_prior_of_online_refits():
+    """Decoding that runs only plain steps (one regime of the features) refits the model on them:
+    a loaded calibration keeps predicting the tree shapes it measured, where the same fit
+    without it as the prior extrapolates from plain steps alone."""
+    true = [0.02, -0.015, 0.014, 0.002, 0.004, 1e-4, 0.017, 7e-4]  # the shape of a real CPU fit
+    trees = [features(8, t, t, 256) for t in (2, 4, 8)] + [features(1, t, t, 256) for t in (4, 16, 32)]
+
+    def cost(x):
+        return sum(c * v for c, v in zip(true, x))
+
+    def tree_error(model, plain_steps):
+        for x in plain_steps:
+            model.observe(x, 1.1 * cost(x))  # plain steps measure 10% slower than calibrated
+        return model.mape([(x, cost(x)) for x in trees])
+
+    batch8 = [features(8, 1, 1, kv, tokens=1 + kv // 7 % 8) for kv in range(100, 400, 3)]  # rows finishing
+    batch1 = [features(1, 1, 1, kv) for kv in range(100, 400, 3)]
+    for plain_steps in (batch8, batch1):
+        assert tree_error(LatencyModel.from_dict(LatencyModel(coef=true).to_dict()), plain_steps) < 0.3
+        assert tree_error(LatencyModel(coef=list(true)), plain_steps) > 0.4
+
+
 def test_predictions_need_data_and_round_trip():
     model = LatencyModel()
     assert not model.ready

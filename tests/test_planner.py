@@ -137,6 +137,107 @@ def test_the_planner_learns_that_drafts_are_useless():
     assert len(planner.plan([claim], kv=10)[0]) == 1
 
 
+def test_drafting_that_does_not_pay_is_skipped_and_probed_again():
+    """When the best tree, drafting included, is slower per token than a plain step without
+    drafting, the next 1, 2, 4, ... (at most MAX_SKIP) steps skip drafting; a tree that pays
+    turns drafting back on at once."""
+    from propd_compile.planner import MAX_SKIP
+
+    poor = TokenTree((1, 2, 3), (-1, 0, 1), (1.0, 0.3, 0.2))
+    good = TokenTree((1, 2, 3), (-1, 0, 1), (1.0, 0.99, 0.98))
+    planner = TreePlanner(AcceptanceModel(), fixed_latency(0.05, 0.0, 0.001), max_nodes=3, ragged=True)
+    for _ in range(8):
+        planner.observe_overhead(1, 0.0, rows=1, draft_seconds=0.04)  # drafting costs 80% of a plain step
+    assert planner.draft_seconds(1) == pytest.approx(0.04)
+
+    def skipped_after(tree) -> int:
+        planner.plan([tree], kv=10)
+        n = 0
+        while not planner.should_draft():
+            n += 1
+        return n
+
+    assert [skipped_after(poor) for _ in range(7)] == [1, 2, 4, 8, 16, 16, 16][:7] and MAX_SKIP == 16
+    assert skipped_after(good) == 0  # 3 tokens for 1.8 plain steps' time: drafting pays
+    assert skipped_after(poor) == 1  # the back-off starts again
+    free = TreePlanner(AcceptanceModel(), fixed_latency(0.05, 0.0, 0.001), max_nodes=3, ragged=True)
+    free.plan([poor], kv=10)
+    assert free.should_draft()  # with drafting free, the poor tree still pays
+
+
+def test_batch_sizes_beyond_the_calibration_are_probed_plain_steps_included(monkeypatch):
+    """A loaded calibration covers the batch sizes it measured; a larger batch gets its own probe
+    (plain steps and small trees, up to PROBE_TOKENS nodes), once."""
+    import propd_compile.planner as planner_mod
+
+    calibration = LatencyModel(coef=[0.02, -0.015, 0.014, 0.002, 0.004, 1e-4, 0.017, 7e-4])  # a real CPU fit's shape
+    probed = []
+
+    def measure(model, forward, b, n, kv):  # this machine: half what the calibration extrapolates to
+        probed.append((b, n))
+        return 0.5 * calibration.predict(features(b, n, n, kv))
+
+    monkeypatch.setattr(planner_mod, "measure_step", measure)
+    latency = LatencyModel.from_dict(calibration.to_dict())  # a loaded calibration: the prior
+    latency.max_batch = 8  # as `load_calibration` sets it
+    planner = TreePlanner(AcceptanceModel(), latency, max_nodes=32)
+    for batch in (1, 8, 32, 32):
+        planner.warm_up(None, None, batch, kv=600)
+    assert probed == [(32, 1), (32, 2), (32, 4), (32, 8)]
+    plain = features(32, 1, 1, 600)
+    assert planner.latency.predict(plain) == pytest.approx(0.5 * calibration.predict(plain), rel=0.15)  # measured, not extrapolated
+
+
+class CountingDrafter:
+    """A drafter that reads hidden states, like the heads, and whose drafts are never right (a
+    high claimed confidence on a token greedy never picks); counts its costly calls."""
+
+    needs_hidden, feature_layers = True, ()
+
+    def __init__(self):
+        self.hidden_calls = 0
+
+    def start(self, sequences):
+        self.last, self.ready = [s[-1] for s in sequences], [False] * len(sequences)
+
+    def advance(self, row, tokens):
+        if tokens:
+            self.last[row], self.ready[row] = tokens[-1], False
+
+    def set_hidden(self, rows, hidden):
+        self.hidden_calls += 1
+        for r in rows:
+            self.ready[r] = True
+
+    def propose(self, row, budget):
+        if not self.ready[row]:  # skipped: no hidden state for this step
+            return TokenTree.root_only(self.last[row])
+        return TokenTree((self.last[row], 1, 1), (-1, 0, 1), (1.0, 0.5, 0.25))  # token 1 is never generated
+
+
+def test_decoding_stops_drafting_what_does_not_pay_and_stays_identical():
+    from propd_compile.decoding import tree_generate
+
+    model = tiny_model("llama", seed=0)
+    ids, mask = left_padded([[7, 8, 9], [10, 11, 12, 13]])
+    ref = hf_greedy(model, ids, mask, 40)
+    drafter = CountingDrafter()
+    planner = TreePlanner(AcceptanceModel(), fixed_latency(0.05, 0.0, 0.001), max_nodes=3, ragged=True)
+    for _ in range(8):
+        planner.observe_overhead(1, 0.0, rows=2, draft_seconds=0.04)
+    planner.calibrated = True  # no probing of step shapes
+    propd_compile.accelerate(model, ProPDConfig(compile=False))  # attention that reads ragged steps
+    try:
+        out, stats = tree_generate(
+            model, ids, mask, max_new_tokens=40, eos_token_ids=[EOS], pad_token_id=PAD, drafter=drafter,
+            max_tree_nodes=3, planner=planner, ragged=True,
+        )
+    finally:
+        propd_compile.restore(model)
+    assert torch.equal(out, ref)
+    assert stats.steps >= 30 and drafter.hidden_calls <= 8  # about one step in eight reads hidden states
+
+
 @st.composite
 def prompts(draw):
     rows = []

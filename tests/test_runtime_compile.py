@@ -51,6 +51,60 @@ def test_the_package_computes_the_eager_forward(compiled_llama, step, last):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@settings(max_examples=15, **SETTINGS)
+@given(rows=st.lists(st.lists(st.integers(6, VOCAB - 1), min_size=1, max_size=14), min_size=1, max_size=4))
+def test_a_packed_prefill_computes_the_padded_one(compiled_llama, rows):
+    """The prefill runs the prompts' real tokens only (no padding): the package and the eager
+    forward on that packing give the last-position logits and the cache of the padded prefill."""
+    from propd_compile.decoding import _prefill_mask
+
+    model, config = compiled_llama
+    ids, attention = left_padded(rows)
+    valid = attention.bool()
+    mask, pos = _prefill_mask(valid), (valid.long().cumsum(1) - 1).clamp(min=0)
+    B, P = ids.shape
+    padded, packed = twin_caches(model, B, P + 3, 0)
+    eager_packed = twin_caches(model, B, P + 3, 0)[0]
+    padded.begin_step(mask)
+    ref_logits, _ = eager_forward(model, hidden=True)(ids, mask, pos, padded, True)
+    for cache, forward in ((packed, model.propd.forward(config, hidden=True)), (eager_packed, eager_forward(model, hidden=True))):
+        cache.begin_step(mask, valid)
+        assert (cache.ragged is not None) == (not bool(valid.all()))
+        logits, _ = forward(ids, mask, pos, cache, True)
+        torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-5)
+        assert torch.equal(logits.argmax(-1), ref_logits.argmax(-1))
+        for a, b in zip(cache.keys + cache.values, padded.keys + padded.values):  # the prompts' entries
+            prompt = lambda buf: buf[:, :, :P].transpose(1, 2)[valid]  # [real tokens, heads, dim]
+            torch.testing.assert_close(prompt(a), prompt(b), rtol=1e-4, atol=1e-5)
+
+
+def test_long_prompts_prefill_on_eager_kernels_on_cpu(compiled_llama, monkeypatch):
+    """A prefill of more than EAGER_PREFILL_TOKENS real tokens runs eager; shorter ones the package."""
+    from propd_compile import runtime_compile
+    from propd_compile.decoding import _prefill_mask
+
+    model, config = compiled_llama
+    calls = []
+
+    def compiled(*args, **kwargs):
+        calls.append("package")
+        return model.propd.forward(config)(*args, **kwargs)
+
+    def eager(m, hidden=False, taps=()):
+        inner = eager_forward(m, hidden=hidden, taps=taps)
+        return lambda *a, **k: (calls.append("eager"), inner(*a, **k))[1]
+
+    monkeypatch.setattr(runtime_compile, "eager_forward", eager)
+    monkeypatch.setattr(runtime_compile, "EAGER_PREFILL_TOKENS", 10)
+    prefill = runtime_compile.prefill_forward(model, compiled, hidden=False)
+    for rows, expected in (([[7] * 4, [8] * 5], "package"), ([[7] * 4, [8] * 7], "eager"), ([[9] * 11], "eager")):
+        ids, attention = left_padded(rows)
+        cache = TreeKVCache.for_model(model, ids.shape[0], ids.shape[1] + 2)
+        cache.begin_step(_prefill_mask(attention.bool()), attention.bool())
+        prefill(ids, _prefill_mask(attention.bool()), (attention.cumsum(1) - 1).clamp(min=0), cache, last_only=True)
+        assert calls[-1] == expected, (rows, calls)
+
+
 @settings(max_examples=12, **SETTINGS)
 @given(
     rows=st.lists(st.lists(st.integers(6, VOCAB - 1), min_size=1, max_size=14), min_size=1, max_size=4),
