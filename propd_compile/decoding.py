@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
+from transformers.modeling_utils import slice_logits_to_keep
 
 from propd_compile.cache import TreeKVCache
 from propd_compile.drafters import Drafter
@@ -132,7 +133,7 @@ def hidden_forward(model: torch.nn.Module, taps: tuple[int, ...] = ()) -> Forwar
             output_hidden_states=bool(taps), **model_kwargs(step),
         )
         h = out.last_hidden_state
-        logits = lm_head(h[:, _kept(step, True)] if last_only and step is not None else h[:, -1:] if last_only else h)
+        logits = lm_head(slice_logits_to_keep(h, _kept(step, last_only)))
         outs = [_logits_layout(step, logits, input_ids.shape, last_only), h]
         if taps:
             outs.append(torch.cat([out.hidden_states[t] for t in taps], -1))
@@ -267,6 +268,7 @@ def tree_generate(
     # they do not pay; the others, cheap, always run)
     drafting = True
     while not all(done):
+        costly = drafting and needs_hidden  # this step's trees hold the costly drafters' proposals
         active = [b for b in range(B) if not done[b]]
         W = cache.write_start
         t_draft = t_step = time.perf_counter()
@@ -276,7 +278,7 @@ def tree_generate(
         if planner is not None:
             if stats.steps == 0:
                 planner.warm_up(model, forward, B, W)
-            trees = planner.plan(trees, W, drafted=drafting and needs_hidden)
+            trees = planner.plan(trees, W, drafted=costly)
         trees = [t if t is not None else TokenTree.root_only(generated[b][-1]) for b, t in enumerate(trees)]
         batch = TreeBatch.stack(trees, pad_token=pad_token_id)
         T = batch.num_nodes
@@ -320,7 +322,7 @@ def tree_generate(
                 kept_nodes[b] = path
                 n_real_l[b] += len(path)
         cache.compact(W, kept_nodes)
-        drafted, drafting = drafting and needs_hidden, planner is None or planner.should_draft()
+        drafting = planner is None or planner.should_draft()
         t_draft = time.perf_counter()
         if needs_hidden and drafting:
             _give_hidden(drafter, done, hidden, [paths[b][-1] for b in range(B)])
@@ -332,7 +334,7 @@ def tree_generate(
             stream.update(generated, done)
         if planner is not None:
             around = time.perf_counter() - t_step - timer.seconds - proposing - prepared
-            planner.observe_overhead(tokens, around, len(active), draft_seconds if drafted else None)
+            planner.observe_overhead(tokens, around, len(active), draft_seconds if costly else None)
     if stream is not None:
         stream.end(generated)
 

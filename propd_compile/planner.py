@@ -117,7 +117,7 @@ class TreePlanner:
         expected = float(sum(sizes))  # every root is a token
         active = sum(sizes)
         draft = self.draft_seconds(active) if drafted else 0.0
-        best, floor = None, (0.0, 0.0)
+        best, floor, plain = None, (0.0, 0.0), None
         candidates = self._ragged_additions(gains) if self.ragged else self._shared_additions(gains)
         for added in candidates:
             for b in added:
@@ -129,11 +129,12 @@ class TreePlanner:
             # each candidate adds nodes to the last one: a fit may not make it cheaper
             forward, seconds = max(forward, floor[0]), max(seconds, floor[1])
             floor = (forward, seconds)
+            if plain is None:  # the first candidate is the plain step (roots only), without drafting
+                plain = expected / seconds
             if best is None or expected / (seconds + draft) > best[0]:
                 best = (expected / (seconds + draft), list(sizes), expected, forward, T, tokens)
         rate, sizes, expected, forward, T, tokens = best
         if drafted:
-            plain = active / self.step_seconds(B, 1, kv, max(active if self.ragged else B, 1))[1]
             self._schedule_drafting(pays=rate > (1 - SKIP_MARGIN) * plain)
         self.last_choice = {"n": T, "tokens": tokens, "sizes": sizes, "expected": expected, "predicted_seconds": forward}
         out = []
