@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Callable, Sequence
 
 import torch
-from transformers.modeling_utils import slice_logits_to_keep
 
 from propd_compile.cache import TreeKVCache
 from propd_compile.drafters import Drafter
@@ -103,6 +102,12 @@ def _kept(step, last_only: bool) -> int | torch.Tensor:
     return 1 if step is None else step.pack[:, -1]
 
 
+def _keep_positions(hidden: torch.Tensor, kept: int | torch.Tensor) -> torch.Tensor:
+    """The positions HF's causal-LM forward projects for a `logits_to_keep` of `_kept`'s kinds
+    (transformers before 5.20, which vLLM pins, has no public helper for it)."""
+    return hidden[:, slice(-kept, None) if isinstance(kept, int) else kept]
+
+
 def _logits_layout(step, logits: torch.Tensor, shape: tuple[int, int], last_only: bool) -> torch.Tensor:
     """Logits in the decode loop's layout: [B, T, V], or [B, 1, V] with `last_only`."""
     if step is None:
@@ -133,7 +138,7 @@ def hidden_forward(model: torch.nn.Module, taps: tuple[int, ...] = ()) -> Forwar
             output_hidden_states=bool(taps), **model_kwargs(step),
         )
         h = out.last_hidden_state
-        logits = lm_head(slice_logits_to_keep(h, _kept(step, last_only)))
+        logits = lm_head(_keep_positions(h, _kept(step, last_only)))
         outs = [_logits_layout(step, logits, input_ids.shape, last_only), h]
         if taps:
             outs.append(torch.cat([out.hidden_states[t] for t in taps], -1))
