@@ -41,10 +41,17 @@ def features(batch: int, tree: int, kept: float, kv: int, tokens: int | None = N
     """The regression features of a step: B rows padded to T nodes, `kept` of them past pruning,
     `tokens` real nodes in all (B T unless the step is ragged)."""
     n = batch * tree if tokens is None else tokens
-    return [
-        1.0, float(n > 1), float(tree > 1), float(batch), float(n), float(batch * kept),
-        batch * kv / 1e3, batch * tree * kv / 1e3,
-    ]
+    return feature_matrix(batch, torch.tensor([float(tree)]), torch.tensor([float(kept)]), kv, torch.tensor([float(n)]))[0].tolist()
+
+
+def feature_matrix(batch: int, tree: torch.Tensor, kept: torch.Tensor, kv: int, tokens: torch.Tensor) -> torch.Tensor:
+    """`features` of many candidate steps at once (one row each; tree, kept, tokens 1-D)."""
+    tree, kept, tokens = (x.to(torch.float64) for x in (tree, kept, tokens))
+    one = torch.ones_like(tree)
+    return torch.stack([
+        one, (tokens > 1).to(torch.float64), (tree > 1).to(torch.float64), batch * one, tokens, batch * kept,
+        batch * kv / 1e3 * one, batch * kv / 1e3 * tree,
+    ], 1)
 
 
 @dataclass
@@ -98,9 +105,13 @@ class LatencyModel:
         return self.coef is not None
 
     def predict(self, x: Sequence[float]) -> float:
+        return float(self.predict_many(torch.tensor([list(x)], dtype=torch.float64))[0])
+
+    def predict_many(self, X: torch.Tensor) -> torch.Tensor:
+        """Predicted seconds of each row of features X (non-negative)."""
         if self.coef is None:
             raise RuntimeError("LatencyModel.predict before any step was observed or a calibration loaded")
-        return max(sum(c * v for c, v in zip(self.coef, x)), 1e-6)
+        return (X.to(torch.float64) @ torch.tensor(self.coef, dtype=torch.float64)).clamp(min=1e-6)
 
     def mape(self, points: Sequence[tuple[Sequence[float], float]]) -> float:
         """Mean absolute percentage error of the predictions on (features, seconds) pairs."""
@@ -140,6 +151,10 @@ def load_calibration(model: torch.nn.Module, compiled: bool = False) -> LatencyM
         return None
     try:
         report = json.loads(path.read_text())
+        if report.get("kernels") != kernels_id():
+            log.warning("ignoring the latency calibration %s: it measured other kernels (%s, now %s); "
+                        "`propd warmup` (compiled) or `propd calibrate` refreshes it", path, report.get("kernels"), kernels_id())
+            return None
         fit = LatencyModel.from_dict(report["fit"])
         fit.max_batch = max((p["batch"] for p in report.get("points", [])), default=None)
         return fit
@@ -242,7 +257,16 @@ def calibrate(
     }
 
 
+def kernels_id() -> str:
+    """What a calibration measured besides the model and machine: torch and the code propd
+    compiles into its kernels and runs in attention (a fit of other kernels misleads the planner)."""
+    from propd_compile.runtime_compile import _code_digest
+
+    return f"torch {torch.__version__}, propd kernels {_code_digest()}"
+
+
 def save_calibration(model: torch.nn.Module, report: dict, compiled: bool = False, path: Path | None = None) -> Path:
+    report = {**report, "kernels": kernels_id()}
     path = path or calibration_path(model, compiled)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1) + "\n")

@@ -57,6 +57,7 @@ class DecodeStats:
     pruned_nodes: int = 0  # tree nodes an early-prune point kept out of the deep layers
     compiled: bool = False  # the verification ran compiled kernels
     draft_seconds: float = 0.0  # time in the drafters after the prefill (proposing, reading hidden states/features)
+    plan_seconds: float = 0.0  # time in the planner choosing trees
 
     @property
     def tokens_per_second(self) -> float:
@@ -269,21 +270,23 @@ def tree_generate(
     if stream is not None:
         stream.update(generated, done)
 
-    # whether this step runs the drafters that read hidden states (a planner skips them while
-    # they do not pay; the others, cheap, always run)
-    drafting = True
+    # whether this step drafts and plans (a planner runs plain steps while speculating does not pay)
+    speculating = True
     while not all(done):
-        costly = drafting and needs_hidden  # this step's trees hold the costly drafters' proposals
         active = [b for b in range(B) if not done[b]]
         W = cache.write_start
-        t_draft = t_step = time.perf_counter()
-        trees = [drafter.propose(b, max_tree_nodes) if not done[b] else None for b in range(B)]
-        proposing = time.perf_counter() - t_draft
-        draft_seconds = prepared + proposing  # this step's drafting: prepared after the last step, proposed now
-        if planner is not None:
-            if stats.steps == 0:
-                planner.warm_up(model, forward, B, W)
-            trees = planner.plan(trees, W, drafted=costly)
+        if planner is not None and stats.steps == 0:
+            planner.warm_up(model, forward, B, W)
+        t_step = time.perf_counter()
+        proposing = planning = 0.0
+        trees = [None] * B
+        if speculating:
+            trees = [drafter.propose(b, max_tree_nodes) if not done[b] else None for b in range(B)]
+            proposing = time.perf_counter() - t_step
+            if planner is not None:
+                t_plan = time.perf_counter()
+                trees = planner.plan(trees, W)
+                planning = time.perf_counter() - t_plan
         trees = [t if t is not None else TokenTree.root_only(generated[b][-1]) for b, t in enumerate(trees)]
         batch = TreeBatch.stack(trees, pad_token=pad_token_id)
         T = batch.num_nodes
@@ -327,19 +330,23 @@ def tree_generate(
                 kept_nodes[b] = path
                 n_real_l[b] += len(path)
         cache.compact(W, kept_nodes)
-        drafting = planner is None or planner.should_draft()
+        speculated, speculating = speculating, planner is None or planner.should_speculate()
         t_draft = time.perf_counter()
-        if needs_hidden and drafting:
+        if needs_hidden and speculating:
             _give_hidden(drafter, done, hidden, [paths[b][-1] for b in range(B)])
         if taps:  # the feature drafter extends its own state from every verified step
             _give_features(drafter, done, features, paths)
-        prepared = time.perf_counter() - t_draft
-        stats.draft_seconds += proposing + prepared
+        preparing = time.perf_counter() - t_draft
+        stats.draft_seconds += proposing + preparing
+        stats.plan_seconds += planning
         if stream is not None:
             stream.update(generated, done)
         if planner is not None:
-            around = time.perf_counter() - t_step - timer.seconds - proposing - prepared
-            planner.observe_overhead(tokens, around, len(active), draft_seconds if costly else None)
+            # this step's speculation: prepared after the last step, proposed and planned now
+            speculation = prepared + proposing + planning if speculated else None
+            around = time.perf_counter() - t_step - timer.seconds - proposing - planning - preparing
+            planner.observe_overhead(tokens, around, len(active), speculation)
+        prepared = preparing
     if stream is not None:
         stream.end(generated)
 

@@ -5,11 +5,12 @@ turns its scores into calibrated path probabilities l; ranking a row's nodes by 
 first) gives a nested family of ancestor-closed trees, the first n nodes for n = 1, 2, ...
 A step's time is the forward's (the latency model, `cost_model`) plus what the step costs
 around it (acceptance, cache bookkeeping: `overhead`, learnt online by node count) plus the
-drafting (`drafting`, learnt online by row count).
+speculation (drafting and this planning: `drafting`, learnt online by row count). All candidates
+of a step are priced at once (one feature matrix), so planning stays cheap at large batches.
 
 Padded steps (every row verifies the batch's largest tree) share one size n:
 
-    n* = argmax_n  sum_rows E_row(n) / (T_fwd(B, n, KV) + T_around(B n) + T_draft(B)),  E_row(n) = sum of l over its first n nodes
+    n* = argmax_n  sum_rows E_row(n) / (T_fwd(B, n, KV) + T_around(B n) + T_spec(B)),  E_row(n) = sum of l over its first n nodes
 
 Ragged steps (`ragged`: rows verify their own sizes, `propd_compile.ragged`) give each row its
 own size: nodes join in order of l across all rows (a row's l never grows along its order, so
@@ -18,13 +19,13 @@ expected tokens), and the planner picks the N with the best rate; the forward's 
 N real nodes and the largest row's size T (attention runs each row padded to T).
 
 One node per row (a plain step) is always a candidate, so decoding falls back to plain steps
-when drafts are poor. Drafting itself is not free: the drafters that read the verification's
-hidden states (the heads: an LM-head product per head and row) cost milliseconds a step. When
-the best tree, their drafting included, is clearly (SKIP_MARGIN) slower per token than a plain
-step without it, the next steps skip them (`should_draft`: 1, 2, 4, ... up to MAX_SKIP steps
-while that keeps happening, none once they pay again) and plan on the cheap drafts (n-gram)
-alone, so decoding with poor drafts costs what plain decoding costs. After the step the acceptance
-model learns from what was accepted and the latency models from the measured times.
+when drafts are poor. Speculating itself is not free: the heads cost an LM-head product per head
+and row, and planning is Python over every candidate node. When the best tree, speculation
+included, is clearly (SKIP_MARGIN) slower per token than a plain step without it, the next steps
+are plain steps that neither draft nor plan (`should_speculate`: 1, 2, 4, ... up to MAX_SKIP
+steps while that keeps happening, none once a tree pays again), so decoding with poor drafts, or
+at batch sizes where no tree pays, costs what plain decoding costs. After a speculative step the
+acceptance model learns from what was accepted; the latency models learn from every step.
 
 Without a saved calibration (`propd calibrate`), or at a batch size larger than it measured, the
 planner measures a few step shapes the first time it sees a batch size (at the current KV length,
@@ -40,15 +41,15 @@ from typing import Sequence
 import torch
 
 from propd_compile.acceptance import AcceptanceModel, RankStats
-from propd_compile.cost_model import LatencyModel, features, load_calibration, measure_step
+from propd_compile.cost_model import LatencyModel, feature_matrix, features, load_calibration, measure_step
 from propd_compile.tree import TokenTree
 
 PROBE_SIZES = (1, 2, 4, 8, 16, 32, 64)
 PROBE_TOKENS = 256  # nodes in all of a probed step, at most (beyond one per row)
-MAX_SKIP = 16  # steps without the costly drafters between two with them, at most
-# Drafting is skipped only when the best tree is expected to be this much slower per token than
-# a plain step without it: the estimates are about 10% off (latency) and near-ties are as likely
-# to pay as not, while skipping also stops the acceptance model's learning.
+MAX_SKIP = 16  # plain steps between two speculative ones, at most
+# Speculation is skipped only when the best tree is expected to be this much slower per token
+# than a plain step without it: the estimates are about 10% off (latency) and near-ties are as
+# likely to pay as not, while skipping also stops the acceptance model's learning.
 SKIP_MARGIN = 0.05
 
 
@@ -63,9 +64,10 @@ class TreePlanner:
         self.acceptance, self.latency, self.max_nodes, self.ragged = acceptance, latency, max_nodes, ragged
         # seconds a step spends outside the forward, on features [1, N real nodes]
         self.overhead = LatencyModel(refit_every=4)
-        self.drafting = LatencyModel(refit_every=4)  # seconds of drafting, on features [1, rows]
-        self._skip = 0  # plain steps left before the next drafted one
-        self._backoff = 0  # length of the last skip (doubles while drafting does not pay)
+        # seconds a speculative step spends drafting and planning, on features [1, rows]
+        self.drafting = LatencyModel(refit_every=4)
+        self._skip = 0  # plain steps left before the next speculative one
+        self._backoff = 0  # length of the last skip (doubles while speculating does not pay)
         self.calibrated = latency.ready  # from `propd calibrate`: no probing needed
         self.seen_batches: set[int] = set()
         self.kept_fraction = 1.0  # share of tree nodes past early pruning (running mean; 1 without pruning)
@@ -89,19 +91,28 @@ class TreePlanner:
 
     def step_seconds(self, batch: int, tree: int, kv: int, tokens: int) -> tuple[float, float]:
         """(forward, whole step) seconds predicted for `tokens` real nodes in rows padded to `tree`."""
-        kept = tree * self.kept_fraction if tree > 1 else 1
-        forward = self.latency.predict(features(batch, tree, kept, kv, tokens))
-        around = self.overhead.predict([1.0, float(tokens)]) if self.overhead.ready else 0.0
+        forward, seconds = self._seconds(batch, torch.tensor([tree]), kv, torch.tensor([tokens]))
+        return float(forward[0]), float(seconds[0])
+
+    def _seconds(self, batch: int, tree: torch.Tensor, kv: int, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`step_seconds` of many candidate steps (tree, tokens: 1-D) at once."""
+        tree = tree.to(torch.float64)
+        kept = torch.where(tree > 1, tree * self.kept_fraction, torch.ones_like(tree))
+        forward = self.latency.predict_many(feature_matrix(batch, tree, kept, kv, tokens))
+        around = 0.0
+        if self.overhead.ready:
+            around = self.overhead.predict_many(torch.stack([torch.ones_like(tree), tokens.to(torch.float64)], 1))
         return forward, forward + around
 
-    def draft_seconds(self, rows: int) -> float:
-        """Predicted seconds of drafting for `rows` rows (0 until a drafted step was measured)."""
+    def speculation_seconds(self, rows: int) -> float:
+        """Predicted seconds a speculative step spends drafting and planning for `rows` rows (0
+        until one was measured)."""
         return self.drafting.predict([1.0, float(rows)]) if self.drafting.ready else 0.0
 
-    def plan(self, trees: Sequence[TokenTree | None], kv: int, drafted: bool = True) -> list[TokenTree | None]:
-        """Trees for one step; `trees[b]` is row b's candidate tree, or None for a finished row
-        (it gets its root only and counts nothing). `drafted`: the costly drafters proposed for
-        this step (their time counts, and whether they paid decides if they run next step)."""
+    def plan(self, trees: Sequence[TokenTree | None], kv: int) -> list[TokenTree | None]:
+        """Trees for one speculative step; `trees[b]` is row b's candidate tree, or None for a
+        finished row (it gets its root only and counts nothing). Whether the step paid, against a
+        plain step without drafting and planning, decides if the next steps speculate."""
         B = len(trees)
         orders, gains = [], []  # a row's nodes best first, and their path probabilities in that order
         for tree in trees:
@@ -113,30 +124,24 @@ class TreePlanner:
             order = best_first(tree, l)
             orders.append(order)
             gains.append([l[i] for i in order])
-        sizes = [0 if order is None else 1 for order in orders]
-        expected = float(sum(sizes))  # every root is a token
-        active = sum(sizes)
-        draft = self.draft_seconds(active) if drafted else 0.0
-        best, floor, plain = None, (0.0, 0.0), None
-        candidates = self._ragged_additions(gains) if self.ragged else self._shared_additions(gains)
-        for added in candidates:
-            for b in added:
-                expected += gains[b][sizes[b]]
-                sizes[b] += 1
-            T = max(max(sizes, default=0), 1)
-            tokens = sum(sizes) if self.ragged else B * T
-            forward, seconds = self.step_seconds(B, T, kv, max(tokens, 1))
-            # each candidate adds nodes to the last one: a fit may not make it cheaper
-            forward, seconds = max(forward, floor[0]), max(seconds, floor[1])
-            floor = (forward, seconds)
-            if plain is None:  # the first candidate is the plain step (roots only), without drafting
-                plain = expected / seconds
-            if best is None or expected / (seconds + draft) > best[0]:
-                best = (expected / (seconds + draft), list(sizes), expected, forward, T, tokens)
-        rate, sizes, expected, forward, T, tokens = best
-        if drafted:
-            self._schedule_drafting(pays=rate > (1 - SKIP_MARGIN) * plain)
-        self.last_choice = {"n": T, "tokens": tokens, "sizes": sizes, "expected": expected, "predicted_seconds": forward}
+        active = sum(order is not None for order in orders)
+        # candidate c adds nodes to candidate c - 1; candidate 0 is the plain step (roots only)
+        added, T, rows = self._ragged_additions(gains) if self.ragged else self._shared_additions(gains)
+        expected = active + torch.cat([torch.zeros(1, dtype=torch.float64), added.cumsum(0)])
+        tokens = active + torch.arange(len(T)) if self.ragged else B * T
+        tokens = tokens.clamp(min=1)
+        forward, seconds = self._seconds(B, T, kv, tokens)
+        # each candidate adds nodes to the last one: a fit may not make it cheaper
+        forward, seconds = forward.cummax(0).values, seconds.cummax(0).values
+        rates = expected / (seconds + self.speculation_seconds(active))
+        c = int(rates.argmax())  # the first best
+        plain = float(expected[0] / seconds[0])  # a plain step, neither drafted nor planned
+        self._schedule_speculation(pays=float(rates[c]) > (1 - SKIP_MARGIN) * plain)
+        sizes = _sizes(gains, c, rows)
+        self.last_choice = {
+            "n": int(T[c]), "tokens": int(tokens[c]), "sizes": sizes, "expected": float(expected[c]),
+            "predicted_seconds": float(forward[c]),
+        }
         out = []
         for b, (tree, order) in enumerate(zip(trees, orders)):
             if order is None:
@@ -145,33 +150,35 @@ class TreePlanner:
                 out.append(tree.subtree(order[: sizes[b]]) if sizes[b] < len(tree) else tree)
         return out
 
-    def _schedule_drafting(self, pays: bool) -> None:
-        """After a drafted step: draft again next step if it paid, else skip 1, 2, 4, ... steps."""
+    def _schedule_speculation(self, pays: bool) -> None:
+        """After a speculative step: speculate again next step if it paid, else run 1, 2, 4, ...
+        plain steps first."""
         self._backoff = 0 if pays else min(max(2 * self._backoff, 1), MAX_SKIP)
         self._skip = self._backoff
 
-    def should_draft(self) -> bool:
-        """Whether the next step runs the costly drafters (asked once per step, before they would
-        prepare it)."""
+    def should_speculate(self) -> bool:
+        """Whether the next step drafts and plans (asked once per step, before the drafters would
+        prepare it); if not, it is a plain step."""
         if self._skip > 0:
             self._skip -= 1
             return False
         return True
 
     @staticmethod
-    def _shared_additions(gains: Sequence[Sequence[float]]):
-        """Padded steps: n = 1, 2, ...; each row grows by one node while it has any."""
-        yield []
-        for n in range(1, max((len(g) for g in gains), default=1)):
-            yield [b for b, g in enumerate(gains) if len(g) > n]
+    def _ragged_additions(gains: Sequence[Sequence[float]]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """Ragged steps: one node at a time, the most probable next node of any row. Returns each
+        addition's path probability, every candidate's largest row size T, and each addition's row."""
+        nodes = sorted((-g[k], k, b) for b, g in enumerate(gains) for k in range(1, len(g)))
+        added = torch.tensor([-n[0] for n in nodes], dtype=torch.float64)
+        T = torch.tensor([1] + [n[1] + 1 for n in nodes]).cummax(0).values
+        return added, T, [n[2] for n in nodes]
 
     @staticmethod
-    def _ragged_additions(gains: Sequence[Sequence[float]]):
-        """Ragged steps: one node at a time, the most probable next node of any row."""
-        yield []
-        nodes = sorted(((-g[k], k, b) for b, g in enumerate(gains) for k in range(1, len(g))))
-        for _, _, b in nodes:
-            yield [b]
+    def _shared_additions(gains: Sequence[Sequence[float]]) -> tuple[torch.Tensor, torch.Tensor, None]:
+        """Padded steps: n = 1, 2, ...; each row grows by one node while it has any."""
+        depth = max([len(g) for g in gains] + [1])
+        added = torch.tensor([sum(g[n] for g in gains if len(g) > n) for n in range(1, depth)], dtype=torch.float64)
+        return added, torch.arange(1, depth + 1), None
 
     def observe(
         self, trees: Sequence[TokenTree], paths: Sequence[Sequence[int]], seconds: float, batch: int, nodes: int,
@@ -179,7 +186,8 @@ class TreePlanner:
     ) -> None:
         """Learn from one verified step: the active rows' trees and accepted paths, and its
         forward's time (`tokens` real nodes in rows padded to `nodes`; padded: batch * nodes)."""
-        self.acceptance.observe(trees, paths)
+        if any(len(t) > 1 for t in trees):  # a step of roots only tried no draft
+            self.acceptance.observe(trees, paths)
         kept = nodes if kept is None else kept
         tokens = batch * nodes if tokens is None else tokens
         choice = self.last_choice
@@ -193,12 +201,24 @@ class TreePlanner:
         self.seen_batches.add(batch)
         self.calibrated_steps += 1
 
-    def observe_overhead(self, tokens: int, seconds: float, rows: int = 0, draft_seconds: float | None = None) -> None:
-        """Learn what a step of `tokens` real nodes cost outside its forward, besides drafting, and
-        (`draft_seconds`, for a step whose `rows` rows drafted) what its drafting cost."""
+    def observe_overhead(self, tokens: int, seconds: float, rows: int = 0, speculation: float | None = None) -> None:
+        """Learn what a step of `tokens` real nodes cost outside its forward, besides drafting and
+        planning, and (`speculation`, for a speculative step of `rows` rows) what drafting and
+        planning it cost."""
         self.overhead.observe([1.0, float(tokens)], max(seconds, 0.0))
-        if draft_seconds is not None and rows > 0:
-            self.drafting.observe([1.0, float(rows)], max(draft_seconds, 0.0))
+        if speculation is not None and rows > 0:
+            self.drafting.observe([1.0, float(rows)], max(speculation, 0.0))
+
+
+def _sizes(gains: Sequence[Sequence[float]], candidate: int, rows: Sequence[int] | None) -> list[int]:
+    """Each row's node count in `candidate` (finished rows: 0): padded (`rows` None), the first
+    candidate + 1 nodes of every row; ragged, its root and its additions among the first `candidate`."""
+    if rows is None:
+        return [min(len(g), candidate + 1) for g in gains]
+    sizes = [1 if g else 0 for g in gains]
+    for b in rows[:candidate]:
+        sizes[b] += 1
+    return sizes
 
 
 def new_planner(model: torch.nn.Module, config) -> TreePlanner:  # config: ProPDConfig

@@ -212,6 +212,18 @@ def manifest_path(package: Path) -> Path:
 
 # --- building and loading ---------------------------------------------------------------------
 @torch.no_grad()
+def export_verification(model: torch.nn.Module, hidden: bool, taps: tuple[int, ...] = ()) -> torch.export.ExportedProgram:
+    """The verification forward (`Verification`) exported on an example step with its sizes
+    dynamic: the graph a package compiles."""
+    ids, mask, pos, nodes, cache = _example(model)
+    step = RaggedStep.of(nodes, mask.shape[-1] - mask.shape[-2])
+    flat = _package_inputs(ids, mask, pos, step, torch.arange(step.flat.numel(), device=ids.device), cache)
+    n = len(cache.keys)
+    example = (*flat[:8], flat[8 : 8 + n], flat[8 + n : 8 + 2 * n], cache.keep)
+    module = Verification(model, hidden, taps).eval()
+    return torch.export.export(module, example, dynamic_shapes=_dynamic_shapes(model, n), strict=False)
+
+
 def build(model: torch.nn.Module, key: PackageKey, progress: bool = True) -> Path:
     """Export, rewrite and compile the verification forward for `key` into its package (minutes on
     a CPU); checks the package against the eager forward before keeping it."""
@@ -225,18 +237,12 @@ def build(model: torch.nn.Module, key: PackageKey, progress: bool = True) -> Pat
     phases = ["export", "propd passes", "Inductor: autotune + C++ compile", "check against eager"]
     bar = tqdm(phases, desc=f"compiling {key.model}", unit="phase", disable=not progress)
     timings: dict[str, float] = {}
-    ids, mask, pos, nodes, cache = _example(model)
-    step = RaggedStep.of(nodes, mask.shape[-1] - mask.shape[-2])
-    flat_inputs = _package_inputs(ids, mask, pos, step, torch.arange(step.flat.numel(), device=ids.device), cache)
-    n_layers = len(cache.keys)
-    example = (*flat_inputs[:8], flat_inputs[8 : 8 + n_layers], flat_inputs[8 + n_layers : 8 + 2 * n_layers], cache.keep)
-    module = Verification(model, key.hidden, key.taps).eval()
     t0 = time.perf_counter()
     for phase in bar:
         bar.set_postfix_str(phase)
         t = time.perf_counter()
         if phase == "export":
-            ep = torch.export.export(module, example, dynamic_shapes=_dynamic_shapes(model, n_layers), strict=False)
+            ep = export_verification(model, key.hidden, key.taps)
         elif phase == "propd passes":
             reports = run_passes(ep.graph_module, package_pass_options(key.device))
             ep.graph_module.recompile()

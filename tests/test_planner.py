@@ -137,32 +137,32 @@ def test_the_planner_learns_that_drafts_are_useless():
     assert len(planner.plan([claim], kv=10)[0]) == 1
 
 
-def test_drafting_that_does_not_pay_is_skipped_and_probed_again():
-    """When the best tree, drafting included, is slower per token than a plain step without
-    drafting, the next 1, 2, 4, ... (at most MAX_SKIP) steps skip drafting; a tree that pays
-    turns drafting back on at once."""
+def test_speculation_that_does_not_pay_is_skipped_and_probed_again():
+    """When the best tree, drafting and planning included, is slower per token than a plain step
+    without them, the next 1, 2, 4, ... (at most MAX_SKIP) steps are plain; a tree that pays turns
+    speculation back on at once."""
     from propd_compile.planner import MAX_SKIP
 
     poor = TokenTree((1, 2, 3), (-1, 0, 1), (1.0, 0.3, 0.2))
     good = TokenTree((1, 2, 3), (-1, 0, 1), (1.0, 0.99, 0.98))
     planner = TreePlanner(AcceptanceModel(), fixed_latency(0.05, 0.0, 0.001), max_nodes=3, ragged=True)
     for _ in range(8):
-        planner.observe_overhead(1, 0.0, rows=1, draft_seconds=0.04)  # drafting costs 80% of a plain step
-    assert planner.draft_seconds(1) == pytest.approx(0.04)
+        planner.observe_overhead(1, 0.0, rows=1, speculation=0.04)  # speculating costs 80% of a plain step
+    assert planner.speculation_seconds(1) == pytest.approx(0.04)
 
     def skipped_after(tree) -> int:
         planner.plan([tree], kv=10)
         n = 0
-        while not planner.should_draft():
+        while not planner.should_speculate():
             n += 1
         return n
 
     assert [skipped_after(poor) for _ in range(7)] == [1, 2, 4, 8, 16, 16, 16][:7] and MAX_SKIP == 16
-    assert skipped_after(good) == 0  # 3 tokens for 1.8 plain steps' time: drafting pays
+    assert skipped_after(good) == 0  # 3 tokens for 1.8 plain steps' time: speculating pays
     assert skipped_after(poor) == 1  # the back-off starts again
     free = TreePlanner(AcceptanceModel(), fixed_latency(0.05, 0.0, 0.001), max_nodes=3, ragged=True)
     free.plan([poor], kv=10)
-    assert free.should_draft()  # with drafting free, the poor tree still pays
+    assert free.should_speculate()  # with speculation free, the poor tree still pays
 
 
 def test_batch_sizes_beyond_the_calibration_are_probed_plain_steps_included(monkeypatch):
@@ -195,7 +195,7 @@ class CountingDrafter:
     needs_hidden, feature_layers = True, ()
 
     def __init__(self):
-        self.hidden_calls = 0
+        self.hidden_calls = self.proposals = 0
 
     def start(self, sequences):
         self.last, self.ready = [s[-1] for s in sequences], [False] * len(sequences)
@@ -210,12 +210,13 @@ class CountingDrafter:
             self.ready[r] = True
 
     def propose(self, row, budget):
-        if not self.ready[row]:  # skipped: no hidden state for this step
+        self.proposals += 1
+        if not self.ready[row]:  # no hidden state for this step
             return TokenTree.root_only(self.last[row])
         return TokenTree((self.last[row], 1, 1), (-1, 0, 1), (1.0, 0.5, 0.25))  # token 1 is never generated
 
 
-def test_decoding_stops_drafting_what_does_not_pay_and_stays_identical():
+def test_decoding_stops_speculating_when_it_does_not_pay_and_stays_identical():
     from propd_compile.decoding import tree_generate
 
     model = tiny_model("llama", seed=0)
@@ -224,7 +225,7 @@ def test_decoding_stops_drafting_what_does_not_pay_and_stays_identical():
     drafter = CountingDrafter()
     planner = TreePlanner(AcceptanceModel(), fixed_latency(0.05, 0.0, 0.001), max_nodes=3, ragged=True)
     for _ in range(8):
-        planner.observe_overhead(1, 0.0, rows=2, draft_seconds=0.04)
+        planner.observe_overhead(1, 0.0, rows=2, speculation=0.04)
     planner.calibrated = True  # no probing of step shapes
     propd_compile.accelerate(model, ProPDConfig(compile=False))  # attention that reads ragged steps
     try:
@@ -235,7 +236,8 @@ def test_decoding_stops_drafting_what_does_not_pay_and_stays_identical():
     finally:
         propd_compile.restore(model)
     assert torch.equal(out, ref)
-    assert stats.steps >= 30 and drafter.hidden_calls <= 8  # about one step in eight reads hidden states
+    # about one step in eight drafts (both rows) and reads hidden states; the others are plain
+    assert stats.steps >= 30 and drafter.hidden_calls <= 8 and drafter.proposals <= 2 * 8
 
 
 @st.composite

@@ -89,3 +89,34 @@ def test_hf_generate_is_unchanged_by_the_attention_switch(arch):
     )
     propd_compile.restore(model)
     assert not model.config._attn_implementation.startswith("propd_")
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    batch=st.integers(1, 3), kv_heads=st.integers(1, 3), groups=st.integers(2, 4), T=st.integers(1, 9),
+    S=st.integers(1, 20), seed=st.integers(0, 2**16), head_mask=st.booleans(),
+)
+def test_grouped_sdpa_is_hf_sdpa_without_repeating_kv(batch, kv_heads, groups, T, S, seed, head_mask):
+    """Folding each KV head's query heads into the query length computes HF's sdpa attention
+    (which repeats K/V) for any mask shared by the heads, fully masked rows included; masks per
+    head, calls without a mask and arguments HF handles specially stay with HF."""
+    import types
+
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from propd_compile.ragged import grouped_sdpa, grouped_sdpa_applies
+
+    g = torch.Generator().manual_seed(seed)
+    module = types.SimpleNamespace(num_key_value_groups=groups, is_causal=True)
+    q = torch.randn(batch, kv_heads * groups, T, 8, generator=g)
+    k, v = (torch.randn(batch, kv_heads, S, 8, generator=g) for _ in range(2))
+    mask = torch.rand(batch, kv_heads * groups if head_mask else 1, T, S, generator=g) > 0.4
+    kwargs = {"scaling": 0.3, "sliding_window": None}
+    assert grouped_sdpa_applies(module, q, mask, kwargs) is not head_mask
+    assert not grouped_sdpa_applies(module, q, None, kwargs)
+    assert not grouped_sdpa_applies(module, q, mask[:, :1], {**kwargs, "softcap": 30.0})
+    if not head_mask:
+        ref, _ = sdpa_attention_forward(module, q, k, v, mask, **kwargs)
+        out, _ = grouped_sdpa(module, q, k, v, mask, **kwargs)
+        torch.testing.assert_close(out, ref, equal_nan=True, rtol=1e-5, atol=1e-6)
+        assert out.shape == (batch, T, kv_heads * groups, 8) and out.is_contiguous()

@@ -190,3 +190,25 @@ def test_batches_over_the_limit_are_refused_clearly(compiled_llama):
     cache.begin_step(mask)
     with pytest.raises(ValueError, match=f"up to {MAX_BATCH} rows"):
         forward(torch.zeros(B, 1, dtype=torch.long), mask, torch.ones(B, 1, dtype=torch.long), cache)
+
+
+def test_the_exported_attention_reads_the_cache_without_repeating_it():
+    """Every attention of the exported verification graph takes K/V with the model's KV heads and
+    the query heads folded into the query length, so Inductor never repeats the cache slices
+    (its CPU flash-attention lowering copies K/V once per query group otherwise)."""
+    from propd_compile.runtime_compile import export_verification
+
+    model = tiny_model("llama", seed=1)
+    accelerate(model, ProPDConfig(compile=False))
+    try:
+        with torch.no_grad():
+            ep = export_verification(model, hidden=True)
+    finally:
+        restore(model)
+    sdpa = [n for n in ep.graph.nodes if n.target is torch.ops.aten.scaled_dot_product_attention.default]
+    kv_heads = model.config.num_key_value_heads
+    assert kv_heads < model.config.num_attention_heads and len(sdpa) == model.config.num_hidden_layers
+    for node in sdpa:
+        q, k, v = (a.meta["val"] for a in node.args[:3])
+        assert q.shape[1] == k.shape[1] == v.shape[1] == kv_heads
+        assert not node.kwargs.get("enable_gqa", False)
