@@ -24,8 +24,10 @@ and row, and planning is Python over every candidate node. When the best tree, s
 included, is clearly (SKIP_MARGIN) slower per token than a plain step without it, the next steps
 are plain steps that neither draft nor plan (`should_speculate`: 1, 2, 4, ... up to MAX_SKIP
 steps while that keeps happening, none once a tree pays again), so decoding with poor drafts, or
-at batch sizes where no tree pays, costs what plain decoding costs. After a speculative step the
-acceptance model learns from what was accepted; the latency models learn from every step.
+at batch sizes where no tree pays, costs what plain decoding costs. A tree that was expected to
+pay is judged on what speculative steps realized (a running tokens-per-second ratio to a plain
+step), so over-confident expectations back off too. After a speculative step the acceptance
+model learns from what was accepted; the latency models learn from every step.
 
 Without a saved calibration (`propd calibrate`), or at a batch size larger than it measured, the
 planner measures a few step shapes the first time it sees a batch size (at the current KV length,
@@ -51,6 +53,7 @@ MAX_SKIP = 16  # plain steps between two speculative ones, at most
 # than a plain step without it: the estimates are about 10% off (latency) and near-ties are as
 # likely to pay as not, while skipping also stops the acceptance model's learning.
 SKIP_MARGIN = 0.05
+REALIZED_WEIGHT = 0.25  # weight of the latest speculative step in the running realized rate
 
 
 def best_first(tree: TokenTree, l: Sequence[float]) -> list[int]:
@@ -68,6 +71,7 @@ class TreePlanner:
         self.drafting = LatencyModel(refit_every=4)
         self._skip = 0  # plain steps left before the next speculative one
         self._backoff = 0  # length of the last skip (doubles while speculating does not pay)
+        self.realized: float | None = None  # running realized / plain rate of speculative steps
         self.calibrated = latency.ready  # from `propd calibrate`: no probing needed
         self.seen_batches: set[int] = set()
         self.kept_fraction = 1.0  # share of tree nodes past early pruning (running mean; 1 without pruning)
@@ -136,11 +140,14 @@ class TreePlanner:
         rates = expected / (seconds + self.speculation_seconds(active))
         c = int(rates.argmax())  # the first best
         plain = float(expected[0] / seconds[0])  # a plain step, neither drafted nor planned
-        self._schedule_speculation(pays=float(rates[c]) > (1 - SKIP_MARGIN) * plain)
+        pays = float(rates[c]) > (1 - SKIP_MARGIN) * plain
+        if not pays:  # a tree expected to pay is judged on what it realizes (`observe`)
+            self._schedule_speculation(pays=False)
         sizes = _sizes(gains, c, rows)
         self.last_choice = {
             "n": int(T[c]), "tokens": int(tokens[c]), "sizes": sizes, "expected": float(expected[c]),
-            "predicted_seconds": float(forward[c]),
+            "predicted_seconds": float(forward[c]), "pays": pays, "plain_rate": plain,
+            "speculation": self.speculation_seconds(active),
         }
         out = []
         for b, (tree, order) in enumerate(zip(trees, orders)):
@@ -155,6 +162,16 @@ class TreePlanner:
         plain steps first."""
         self._backoff = 0 if pays else min(max(2 * self._backoff, 1), MAX_SKIP)
         self._skip = self._backoff
+
+    def _judge(self, accepted: int, seconds: float, tokens: int, choice: dict) -> None:
+        """After a speculative step expected to pay: keep speculating while the running ratio of
+        what such steps realized (tokens per second, speculation included) to a plain step's
+        rate stays above 1 - SKIP_MARGIN. Expectations can be over-confident (priors from
+        other text, no learning while steps are plain); the realized rate is not."""
+        around = self.overhead.predict([1.0, float(tokens)]) if self.overhead.ready else 0.0
+        ratio = accepted / (seconds + around + choice["speculation"]) / choice["plain_rate"]
+        self.realized = ratio if self.realized is None else self.realized + REALIZED_WEIGHT * (ratio - self.realized)
+        self._schedule_speculation(pays=self.realized > 1 - SKIP_MARGIN)
 
     def should_speculate(self) -> bool:
         """Whether the next step drafts and plans (asked once per step, before the drafters would
@@ -192,8 +209,11 @@ class TreePlanner:
         tokens = batch * nodes if tokens is None else tokens
         choice = self.last_choice
         if choice is not None and (choice["n"], choice["tokens"]) == (nodes, tokens):  # predicted before it ran
+            accepted = sum(len(p) for p in paths)
             self.latency_errors.append(abs(choice["predicted_seconds"] - seconds) / seconds)
-            self.outcomes.append((choice["expected"], sum(len(p) for p in paths)))
+            self.outcomes.append((choice["expected"], accepted))
+            if choice["pays"]:
+                self._judge(accepted, seconds, tokens, choice)
         self.last_choice = None
         if nodes > 1:
             self.kept_fraction = 0.9 * self.kept_fraction + 0.1 * (kept / nodes)

@@ -150,16 +150,24 @@ def test_speculation_that_does_not_pay_is_skipped_and_probed_again():
         planner.observe_overhead(1, 0.0, rows=1, speculation=0.04)  # speculating costs 80% of a plain step
     assert planner.speculation_seconds(1) == pytest.approx(0.04)
 
-    def skipped_after(tree) -> int:
+    def skipped_after(tree, accepted: int = 1) -> int:
         planner.plan([tree], kv=10)
+        n = planner.last_choice["n"]
+        planner.observe([tree.subtree(list(range(n)))], [list(range(min(accepted, n)))], 0.05 + 0.001 * n, 1, n, 10)
         n = 0
         while not planner.should_speculate():
             n += 1
         return n
 
     assert [skipped_after(poor) for _ in range(7)] == [1, 2, 4, 8, 16, 16, 16][:7] and MAX_SKIP == 16
-    assert skipped_after(good) == 0  # 3 tokens for 1.8 plain steps' time: speculating pays
+    assert skipped_after(good, accepted=3) == 0  # 3 tokens for 1.8 plain steps' time: speculating pays
     assert skipped_after(poor) == 1  # the back-off starts again
+    # a tree expected to pay that realizes one token a step (its drafts all rejected) backs off
+    # too, once the running realized rate has fallen below a plain step's: not after one bad
+    # step, and longer the longer it goes on
+    assert skipped_after(good, accepted=3) == 0
+    skips = [skipped_after(good) for _ in range(5)]
+    assert skips[0] == 0 and skips == sorted(skips) and skips[-1] >= 2
     free = TreePlanner(AcceptanceModel(), fixed_latency(0.05, 0.0, 0.001), max_nodes=3, ragged=True)
     free.plan([poor], kv=10)
     assert free.should_speculate()  # with speculation free, the poor tree still pays
