@@ -137,7 +137,8 @@ class TreePlanner:
         forward, seconds = self._seconds(B, T, kv, tokens)
         # each candidate adds nodes to the last one: a fit may not make it cheaper
         forward, seconds = forward.cummax(0).values, seconds.cummax(0).values
-        rates = expected / (seconds + self.speculation_seconds(active))
+        speculation = self.speculation_seconds(active)
+        rates = expected / (seconds + speculation)
         c = int(rates.argmax())  # the first best
         plain = float(expected[0] / seconds[0])  # a plain step, neither drafted nor planned
         pays = float(rates[c]) > (1 - SKIP_MARGIN) * plain
@@ -147,7 +148,7 @@ class TreePlanner:
         self.last_choice = {
             "n": int(T[c]), "tokens": int(tokens[c]), "sizes": sizes, "expected": float(expected[c]),
             "predicted_seconds": float(forward[c]), "pays": pays, "plain_rate": plain,
-            "speculation": self.speculation_seconds(active),
+            "speculation": speculation,
         }
         out = []
         for b, (tree, order) in enumerate(zip(trees, orders)):

@@ -101,7 +101,11 @@ _HF_ONLY = ("softcap", "position_bias", "output_attentions", "s_aux")
 def grouped_sdpa_applies(module, query: torch.Tensor, mask: torch.Tensor | None, kwargs: dict) -> bool:
     """Whether `grouped_sdpa` computes HF's sdpa attention for this call: grouped-query heads
     (Hq = g Hkv, g > 1), a 4-D mask shared by all heads (decode steps always pass one, so HF would
-    not take SDPA's causal path), and nothing HF treats specially."""
+    not take SDPA's causal path), and nothing HF treats specially. Not while torch.compile traces
+    for the `propd` backend (exports for packages do fold): its tree-attention pass folds HF's
+    `repeat_kv` itself, and the early-prune pass reads that layout."""
+    if torch.compiler.is_compiling() and not torch.compiler.is_exporting():
+        return False
     groups = getattr(module, "num_key_value_groups", 1)
     return (
         groups > 1 and query.shape[1] % groups == 0 and isinstance(mask, torch.Tensor) and mask.dim() == 4
