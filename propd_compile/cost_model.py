@@ -150,10 +150,10 @@ def load_calibration(model: torch.nn.Module, compiled: bool = False) -> LatencyM
     if not path.exists():
         return None
     try:
-        report = json.loads(path.read_text())
-        if report.get("kernels") != kernels_id():
+        report, kernels = json.loads(path.read_text()), kernels_id()
+        if report.get("kernels") != kernels:
             log.warning("ignoring the latency calibration %s: it measured other kernels (%s, now %s); "
-                        "`propd warmup` (compiled) or `propd calibrate` refreshes it", path, report.get("kernels"), kernels_id())
+                        "`propd warmup` (compiled) or `propd calibrate` refreshes it", path, report.get("kernels"), kernels)
             return None
         fit = LatencyModel.from_dict(report["fit"])
         fit.max_batch = max((p["batch"] for p in report.get("points", [])), default=None)

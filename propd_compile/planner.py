@@ -135,6 +135,7 @@ class TreePlanner:
         tokens = active + torch.arange(len(T)) if self.ragged else B * T
         tokens = tokens.clamp(min=1)
         forward, seconds = self._seconds(B, T, kv, tokens)
+        around = seconds - forward  # the overhead model's price of each candidate
         # each candidate adds nodes to the last one: a fit may not make it cheaper
         forward, seconds = forward.cummax(0).values, seconds.cummax(0).values
         speculation = self.speculation_seconds(active)
@@ -148,7 +149,7 @@ class TreePlanner:
         self.last_choice = {
             "n": int(T[c]), "tokens": int(tokens[c]), "sizes": sizes, "expected": float(expected[c]),
             "predicted_seconds": float(forward[c]), "pays": pays, "plain_rate": plain,
-            "speculation": speculation,
+            "around": float(around[c]), "speculation": speculation,
         }
         out = []
         for b, (tree, order) in enumerate(zip(trees, orders)):
@@ -164,13 +165,12 @@ class TreePlanner:
         self._backoff = 0 if pays else min(max(2 * self._backoff, 1), MAX_SKIP)
         self._skip = self._backoff
 
-    def _judge(self, accepted: int, seconds: float, tokens: int, choice: dict) -> None:
+    def _judge(self, accepted: int, seconds: float, choice: dict) -> None:
         """After a speculative step expected to pay: keep speculating while the running ratio of
         what such steps realized (tokens per second, speculation included) to a plain step's
         rate stays above 1 - SKIP_MARGIN. Expectations can be over-confident (priors from
         other text, no learning while steps are plain); the realized rate is not."""
-        around = self.overhead.predict([1.0, float(tokens)]) if self.overhead.ready else 0.0
-        ratio = accepted / (seconds + around + choice["speculation"]) / choice["plain_rate"]
+        ratio = accepted / (seconds + choice["around"] + choice["speculation"]) / choice["plain_rate"]
         self.realized = ratio if self.realized is None else self.realized + REALIZED_WEIGHT * (ratio - self.realized)
         self._schedule_speculation(pays=self.realized > 1 - SKIP_MARGIN)
 
@@ -214,7 +214,7 @@ class TreePlanner:
             self.latency_errors.append(abs(choice["predicted_seconds"] - seconds) / seconds)
             self.outcomes.append((choice["expected"], accepted))
             if choice["pays"]:
-                self._judge(accepted, seconds, tokens, choice)
+                self._judge(accepted, seconds, choice)
         self.last_choice = None
         if nodes > 1:
             self.kept_fraction = 0.9 * self.kept_fraction + 0.1 * (kept / nodes)
