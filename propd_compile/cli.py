@@ -177,7 +177,7 @@ def cmd_warmup(args) -> int:
 
 
 # --quick: a CI smoke test (a few minutes on 2 cores) that checks losslessness only, never speed.
-QUICK = dict(per_category=1, prompts=4, max_new_tokens=32, batch_sizes=[1, 4], repeats=1)
+QUICK = dict(per_category=1, prompts=2, max_new_tokens=24, batch_sizes=[1, 2], repeats=1)
 LARGE_BATCHES = [16, 32]
 
 

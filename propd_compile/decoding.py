@@ -33,6 +33,9 @@ if TYPE_CHECKING:
 Forward = Callable[..., torch.Tensor | tuple[torch.Tensor, torch.Tensor]]
 # accept(trees, logits [B,T,V]) -> (per row: accepted root-to-node path, bonus token after it)
 AcceptRule = Callable[[TreeBatch, torch.Tensor], tuple[list[list[int]], list[int]]]
+# cache slots a row may skip instead of moving its KV (`TreeKVCache.compact`): rows at different
+# lengths then run plain steps without copies, for at most this many more slots of attention
+GAP_SLOTS = 64
 
 
 @dataclass
@@ -215,7 +218,7 @@ def tree_generate(
     B, P = input_ids.shape
     eos = set(int(e) for e in eos_token_ids)
     valid_prompt = attention_mask.bool()
-    cache = TreeKVCache.for_model(model, B, P + max_new_tokens + max_tree_nodes + 1)
+    cache = TreeKVCache.for_model(model, B, P + max_new_tokens + max_tree_nodes + 1, gap_slots=GAP_SLOTS)
     stats = DecodeStats()
 
     # Prefill: the whole prompt, logits of the last position only.
@@ -270,8 +273,9 @@ def tree_generate(
     if stream is not None:
         stream.update(generated, done)
 
-    # whether this step drafts and plans (a planner runs plain steps while speculating does not pay)
-    speculating = True
+    # whether this step drafts and plans, and with the drafters that read hidden states (a planner
+    # leaves them out, then runs plain steps, while speculating does not pay)
+    speculating, costly = True, needs_hidden
     while not all(done):
         active = [b for b in range(B) if not done[b]]
         W = cache.write_start
@@ -285,7 +289,7 @@ def tree_generate(
             proposing = time.perf_counter() - t_step
             if planner is not None:
                 t_plan = time.perf_counter()
-                trees = planner.plan(trees, W)
+                trees = planner.plan(trees, W, costly=costly)
                 planning = time.perf_counter() - t_plan
         trees = [t if t is not None else TokenTree.root_only(generated[b][-1]) for b, t in enumerate(trees)]
         batch = TreeBatch.stack(trees, pad_token=pad_token_id)
@@ -330,9 +334,11 @@ def tree_generate(
                 kept_nodes[b] = path
                 n_real_l[b] += len(path)
         cache.compact(W, kept_nodes)
-        speculated, speculating = speculating, planner is None or planner.should_speculate()
+        speculated, costly_before = speculating, costly
+        speculating, costly = planner.next_step() if planner is not None else (True, True)
+        costly = costly and needs_hidden
         t_draft = time.perf_counter()
-        if needs_hidden and speculating:
+        if costly and speculating:
             _give_hidden(drafter, done, hidden, [paths[b][-1] for b in range(B)])
         if taps:  # the feature drafter extends its own state from every verified step
             _give_features(drafter, done, features, paths)
@@ -345,7 +351,7 @@ def tree_generate(
             # this step's speculation: prepared after the last step, proposed and planned now
             speculation = prepared + proposing + planning if speculated else None
             around = time.perf_counter() - t_step - timer.seconds - proposing - planning - preparing
-            planner.observe_overhead(tokens, around, len(active), speculation)
+            planner.observe_overhead(tokens, around, len(active), speculation, costly=costly_before)
         prepared = preparing
     if stream is not None:
         stream.end(generated)

@@ -19,14 +19,17 @@ expected tokens), and the planner picks the N with the best rate; the forward's 
 N real nodes and the largest row's size T (attention runs each row padded to T).
 
 One node per row (a plain step) is always a candidate, so decoding falls back to plain steps
-when drafts are poor. Speculating itself is not free: the heads cost an LM-head product per head
-and row, and planning is Python over every candidate node. When the best tree, speculation
-included, is clearly (SKIP_MARGIN) slower per token than a plain step without it, the next steps
-are plain steps that neither draft nor plan (`should_speculate`: 1, 2, 4, ... up to MAX_SKIP
-steps while that keeps happening, none once a tree pays again), so decoding with poor drafts, or
-at batch sizes where no tree pays, costs what plain decoding costs. A tree that was expected to
-pay is judged on what speculative steps realized (a running tokens-per-second ratio to a plain
-step), so over-confident expectations back off too. After a speculative step the acceptance
+when drafts are poor. Speculating itself is not free: the costly drafters (the heads, which read
+the verification's hidden states) cost an LM-head product per head and row; the cheap ones
+(n-gram) cost little, and planning is Python over every candidate node. When the best tree,
+speculation included, is clearly (SKIP_MARGIN) slower per token than a plain step without it, the
+next steps back off one tier (`next_step`: 1, 2, 4, ... up to MAX_SKIP steps while that keeps
+happening, none once a tree pays again): first the costly drafters are left out (steps draft
+and plan on the cheap drafts alone), then, if those do not pay either, the steps are plain steps
+that neither draft nor plan. So decoding with poor drafts, or at batch sizes where no tree pays,
+costs what plain decoding costs, and free drafts still pay where they can. A tree that was
+expected to pay is judged on what speculative steps of its tier realized (a running
+tokens-per-second ratio to a plain step), so over-confident expectations back off too. After a speculative step the acceptance
 model learns from what was accepted; the latency models learn from every step.
 
 Without a saved calibration (`propd calibrate`), or at a batch size larger than it measured, the
@@ -48,12 +51,34 @@ from propd_compile.tree import TokenTree
 
 PROBE_SIZES = (1, 2, 4, 8, 16, 32, 64)
 PROBE_TOKENS = 256  # nodes in all of a probed step, at most (beyond one per row)
-MAX_SKIP = 16  # plain steps between two speculative ones, at most
+MAX_SKIP = 32  # steps between two of a tier that did not pay, at most
 # Speculation is skipped only when the best tree is expected to be this much slower per token
 # than a plain step without it: the estimates are about 10% off (latency) and near-ties are as
 # likely to pay as not, while skipping also stops the acceptance model's learning.
 SKIP_MARGIN = 0.05
 REALIZED_WEIGHT = 0.25  # weight of the latest speculative step in the running realized rate
+# What steps realized is measured, not estimated: a tier stays on only while its running realized
+# rate is at least a plain step's (a near-tie that realizes a loss is a loss on every such step).
+
+
+class Backoff:
+    """Steps to go without something that did not pay: 1, 2, 4, ... up to MAX_SKIP while it keeps
+    not paying, none once it pays."""
+
+    def __init__(self) -> None:
+        self.skip = 0  # steps left before the next try
+        self.length = 0  # length of the last skip
+
+    def judge(self, pays: bool) -> None:
+        self.length = 0 if pays else min(max(2 * self.length, 1), MAX_SKIP)
+        self.skip = self.length
+
+    def due(self) -> bool:
+        """Whether this step tries it (counts a step of the skip down otherwise)."""
+        if self.skip > 0:
+            self.skip -= 1
+            return False
+        return True
 
 
 def best_first(tree: TokenTree, l: Sequence[float]) -> list[int]:
@@ -67,11 +92,12 @@ class TreePlanner:
         self.acceptance, self.latency, self.max_nodes, self.ragged = acceptance, latency, max_nodes, ragged
         # seconds a step spends outside the forward, on features [1, N real nodes]
         self.overhead = LatencyModel(refit_every=4)
-        # seconds a speculative step spends drafting and planning, on features [1, rows]
-        self.drafting = LatencyModel(refit_every=4)
-        self._skip = 0  # plain steps left before the next speculative one
-        self._backoff = 0  # length of the last skip (doubles while speculating does not pay)
-        self.realized: float | None = None  # running realized / plain rate of speculative steps
+        # seconds a speculative step spends drafting and planning, on features [1, rows], with
+        # the costly drafters (True) and without them (False)
+        self.drafting = {True: LatencyModel(refit_every=4), False: LatencyModel(refit_every=4)}
+        self.costly_backoff, self.speculation_backoff = Backoff(), Backoff()
+        # running realized / plain rate of the speculative steps of each tier
+        self.realized: dict[bool, float | None] = {True: None, False: None}
         self.calibrated = latency.ready  # from `propd calibrate`: no probing needed
         self.seen_batches: set[int] = set()
         self.kept_fraction = 1.0  # share of tree nodes past early pruning (running mean; 1 without pruning)
@@ -108,15 +134,17 @@ class TreePlanner:
             around = self.overhead.predict_many(torch.stack([torch.ones_like(tree), tokens.to(torch.float64)], 1))
         return forward, forward + around
 
-    def speculation_seconds(self, rows: int) -> float:
-        """Predicted seconds a speculative step spends drafting and planning for `rows` rows (0
-        until one was measured)."""
-        return self.drafting.predict([1.0, float(rows)]) if self.drafting.ready else 0.0
+    def speculation_seconds(self, rows: int, costly: bool = True) -> float:
+        """Predicted seconds a speculative step spends drafting and planning for `rows` rows, with
+        or without the costly drafters (0 until one was measured)."""
+        model = self.drafting[costly]
+        return model.predict([1.0, float(rows)]) if model.ready else 0.0
 
-    def plan(self, trees: Sequence[TokenTree | None], kv: int) -> list[TokenTree | None]:
+    def plan(self, trees: Sequence[TokenTree | None], kv: int, costly: bool = True) -> list[TokenTree | None]:
         """Trees for one speculative step; `trees[b]` is row b's candidate tree, or None for a
-        finished row (it gets its root only and counts nothing). Whether the step paid, against a
-        plain step without drafting and planning, decides if the next steps speculate."""
+        finished row (it gets its root only and counts nothing); `costly`: the costly drafters
+        proposed too. Whether the step paid, against a plain step without drafting and planning,
+        decides the tier of the next steps."""
         B = len(trees)
         orders, gains = [], []  # a row's nodes best first, and their path probabilities in that order
         for tree in trees:
@@ -138,18 +166,19 @@ class TreePlanner:
         around = seconds - forward  # the overhead model's price of each candidate
         # each candidate adds nodes to the last one: a fit may not make it cheaper
         forward, seconds = forward.cummax(0).values, seconds.cummax(0).values
-        speculation = self.speculation_seconds(active)
+        speculation = self.speculation_seconds(active, costly)
         rates = expected / (seconds + speculation)
         c = int(rates.argmax())  # the first best
         plain = float(expected[0] / seconds[0])  # a plain step, neither drafted nor planned
-        pays = float(rates[c]) > (1 - SKIP_MARGIN) * plain
+        # a step whose best candidate is the plain step paid for speculation and gained nothing
+        pays = c > 0 and float(rates[c]) > (1 - SKIP_MARGIN) * plain
         if not pays:  # a tree expected to pay is judged on what it realizes (`observe`)
-            self._schedule_speculation(pays=False)
+            self._schedule(costly, pays=False)
         sizes = _sizes(gains, c, rows)
         self.last_choice = {
             "n": int(T[c]), "tokens": int(tokens[c]), "sizes": sizes, "expected": float(expected[c]),
             "predicted_seconds": float(forward[c]), "pays": pays, "plain_rate": plain,
-            "around": float(around[c]), "speculation": speculation,
+            "around": float(around[c]), "speculation": speculation, "costly": costly,
         }
         out = []
         for b, (tree, order) in enumerate(zip(trees, orders)):
@@ -159,28 +188,30 @@ class TreePlanner:
                 out.append(tree.subtree(order[: sizes[b]]) if sizes[b] < len(tree) else tree)
         return out
 
-    def _schedule_speculation(self, pays: bool) -> None:
-        """After a speculative step: speculate again next step if it paid, else run 1, 2, 4, ...
-        plain steps first."""
-        self._backoff = 0 if pays else min(max(2 * self._backoff, 1), MAX_SKIP)
-        self._skip = self._backoff
+    def _schedule(self, costly: bool, pays: bool) -> None:
+        """After a speculative step of a tier: the same tier again next step if it paid, else back
+        off that tier (the costly drafters, or all speculation)."""
+        if costly:
+            self.costly_backoff.judge(pays)
+        if pays or not costly:  # costly drafters that did not pay leave the cheap tier to try
+            self.speculation_backoff.judge(pays)
 
     def _judge(self, accepted: int, seconds: float, choice: dict) -> None:
         """After a speculative step expected to pay: keep speculating while the running ratio of
         what such steps realized (tokens per second, speculation included) to a plain step's
-        rate stays above 1 - SKIP_MARGIN. Expectations can be over-confident (priors from
+        rate is at least 1. Expectations can be over-confident (priors from
         other text, no learning while steps are plain); the realized rate is not."""
+        costly = choice["costly"]
         ratio = accepted / (seconds + choice["around"] + choice["speculation"]) / choice["plain_rate"]
-        self.realized = ratio if self.realized is None else self.realized + REALIZED_WEIGHT * (ratio - self.realized)
-        self._schedule_speculation(pays=self.realized > 1 - SKIP_MARGIN)
+        last = self.realized[costly]
+        self.realized[costly] = ratio if last is None else last + REALIZED_WEIGHT * (ratio - last)
+        self._schedule(costly, pays=self.realized[costly] >= 1.0)
 
-    def should_speculate(self) -> bool:
-        """Whether the next step drafts and plans (asked once per step, before the drafters would
-        prepare it); if not, it is a plain step."""
-        if self._skip > 0:
-            self._skip -= 1
-            return False
-        return True
+    def next_step(self) -> tuple[bool, bool]:
+        """(speculate, with the costly drafters) for the next step, asked once per step before the
+        drafters would prepare it; not speculating is a plain step."""
+        costly = self.costly_backoff.due()
+        return self.speculation_backoff.due(), costly
 
     @staticmethod
     def _ragged_additions(gains: Sequence[Sequence[float]]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
@@ -222,13 +253,15 @@ class TreePlanner:
         self.seen_batches.add(batch)
         self.calibrated_steps += 1
 
-    def observe_overhead(self, tokens: int, seconds: float, rows: int = 0, speculation: float | None = None) -> None:
+    def observe_overhead(
+        self, tokens: int, seconds: float, rows: int = 0, speculation: float | None = None, costly: bool = True,
+    ) -> None:
         """Learn what a step of `tokens` real nodes cost outside its forward, besides drafting and
-        planning, and (`speculation`, for a speculative step of `rows` rows) what drafting and
-        planning it cost."""
+        planning, and (`speculation`, for a speculative step of `rows` rows, with or without the
+        costly drafters) what drafting and planning it cost."""
         self.overhead.observe([1.0, float(tokens)], max(seconds, 0.0))
         if speculation is not None and rows > 0:
-            self.drafting.observe([1.0, float(rows)], max(speculation, 0.0))
+            self.drafting[costly].observe([1.0, float(rows)], max(speculation, 0.0))
 
 
 def _sizes(gains: Sequence[Sequence[float]], candidate: int, rows: Sequence[int] | None) -> list[int]:

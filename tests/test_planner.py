@@ -137,40 +137,71 @@ def test_the_planner_learns_that_drafts_are_useless():
     assert len(planner.plan([claim], kv=10)[0]) == 1
 
 
+def _planned_step(planner, tree, accepted: int = 1, costly: bool = True) -> None:
+    """One planned step of `tree` (ragged, batch 1) that accepts `accepted` tokens."""
+    planner.plan([tree], kv=10, costly=costly)
+    n = planner.last_choice["n"]
+    planner.observe([tree.subtree(list(range(n)))], [list(range(min(accepted, n)))], 0.05 + 0.001 * n, 1, n, 10)
+
+
+POOR = TokenTree((1, 2, 3), (-1, 0, 1), (1.0, 0.3, 0.2))
+GOOD = TokenTree((1, 2, 3), (-1, 0, 1), (1.0, 0.99, 0.98))
+
+
 def test_speculation_that_does_not_pay_is_skipped_and_probed_again():
     """When the best tree, drafting and planning included, is slower per token than a plain step
     without them, the next 1, 2, 4, ... (at most MAX_SKIP) steps are plain; a tree that pays turns
     speculation back on at once."""
     from propd_compile.planner import MAX_SKIP
 
-    poor = TokenTree((1, 2, 3), (-1, 0, 1), (1.0, 0.3, 0.2))
-    good = TokenTree((1, 2, 3), (-1, 0, 1), (1.0, 0.99, 0.98))
     planner = TreePlanner(AcceptanceModel(), fixed_latency(0.05, 0.0, 0.001), max_nodes=3, ragged=True)
-    for _ in range(8):
-        planner.observe_overhead(1, 0.0, rows=1, speculation=0.04)  # speculating costs 80% of a plain step
-    assert planner.speculation_seconds(1) == pytest.approx(0.04)
+    for _ in range(8):  # speculating (cheap drafters only: no costly tier) costs 80% of a plain step
+        planner.observe_overhead(1, 0.0, rows=1, speculation=0.04, costly=False)
+    assert planner.speculation_seconds(1, costly=False) == pytest.approx(0.04)
+    assert planner.speculation_seconds(1, costly=True) == 0.0  # not measured
 
     def skipped_after(tree, accepted: int = 1) -> int:
-        planner.plan([tree], kv=10)
-        n = planner.last_choice["n"]
-        planner.observe([tree.subtree(list(range(n)))], [list(range(min(accepted, n)))], 0.05 + 0.001 * n, 1, n, 10)
+        _planned_step(planner, tree, accepted, costly=False)
         n = 0
-        while not planner.should_speculate():
+        while not planner.next_step()[0]:
             n += 1
         return n
 
-    assert [skipped_after(poor) for _ in range(7)] == [1, 2, 4, 8, 16, 16, 16][:7] and MAX_SKIP == 16
-    assert skipped_after(good, accepted=3) == 0  # 3 tokens for 1.8 plain steps' time: speculating pays
-    assert skipped_after(poor) == 1  # the back-off starts again
+    assert [skipped_after(POOR) for _ in range(7)] == [1, 2, 4, 8, 16, 32, 32] and MAX_SKIP == 32
+    assert skipped_after(GOOD, accepted=3) == 0  # 3 tokens for 1.8 plain steps' time: speculating pays
+    assert skipped_after(POOR) == 1  # the back-off starts again
     # a tree expected to pay that realizes one token a step (its drafts all rejected) backs off
     # too, once the running realized rate has fallen below a plain step's: not after one bad
     # step, and longer the longer it goes on
-    assert skipped_after(good, accepted=3) == 0
-    skips = [skipped_after(good) for _ in range(5)]
+    assert skipped_after(GOOD, accepted=3) == 0
+    skips = [skipped_after(GOOD) for _ in range(5)]
     assert skips[0] == 0 and skips == sorted(skips) and skips[-1] >= 2
     free = TreePlanner(AcceptanceModel(), fixed_latency(0.05, 0.0, 0.001), max_nodes=3, ragged=True)
-    free.plan([poor], kv=10)
-    assert free.should_speculate()  # with speculation free, the poor tree still pays
+    free.plan([POOR], kv=10, costly=False)
+    assert free.next_step()[0]  # with speculation free, the poor tree still pays
+    free.plan([TokenTree.root_only(1)], kv=10, costly=False)
+    assert not free.next_step()[0]  # no draft at all: speculating gained nothing
+
+
+def test_costly_drafters_back_off_before_speculation_does():
+    """Costly drafts that do not pay leave the next steps to the cheap drafters (speculating
+    without them), tried again after 1, 2, 4, ... steps; cheap steps that do not pay either make
+    the steps plain; a costly step that pays brings both back at once."""
+    planner = TreePlanner(AcceptanceModel(), fixed_latency(0.05, 0.0, 0.001), max_nodes=3, ragged=True)
+    for _ in range(8):
+        planner.observe_overhead(1, 0.0, rows=1, speculation=0.04, costly=True)  # the heads: 80% of a step
+        planner.observe_overhead(1, 0.0, rows=1, speculation=0.001, costly=False)  # n-gram: 2%
+    _planned_step(planner, POOR, costly=True)
+    assert planner.next_step() == (True, False)  # the cheap tier still speculates
+    _planned_step(planner, POOR, accepted=2, costly=False)  # with nearly free drafting the poor tree pays
+    assert planner.next_step() == (True, True)  # the costly drafters' skip of 1 is over
+    _planned_step(planner, POOR, costly=True)
+    assert [planner.next_step() for _ in range(3)] == [(True, False), (True, False), (True, True)]
+    _planned_step(planner, POOR, costly=True)
+    _planned_step(planner, TokenTree.root_only(1), costly=False)  # no cheap draft: nothing gained
+    assert planner.next_step() == (False, False)  # plain, and the costly skip counts down meanwhile
+    _planned_step(planner, GOOD, accepted=3, costly=True)
+    assert planner.next_step() == (True, True)
 
 
 def test_batch_sizes_beyond_the_calibration_are_probed_plain_steps_included(monkeypatch):
@@ -244,8 +275,10 @@ def test_decoding_stops_speculating_when_it_does_not_pay_and_stays_identical():
     finally:
         propd_compile.restore(model)
     assert torch.equal(out, ref)
-    # about one step in eight drafts (both rows) and reads hidden states; the others are plain
-    assert stats.steps >= 30 and drafter.hidden_calls <= 8 and drafter.proposals <= 2 * 8
+    # the costly drafter reads hidden states in about one step in eight; the cheap tier (which
+    # has no drafts here) backs off alike, so most steps are plain: each tier tries at most
+    # 1 + log2(MAX_SKIP) + steps / MAX_SKIP times (both rows propose in either)
+    assert stats.steps >= 30 and drafter.hidden_calls <= 8 and drafter.proposals <= 2 * (8 + 8)
 
 
 @st.composite

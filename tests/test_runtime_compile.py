@@ -84,6 +84,7 @@ def test_long_prompts_prefill_on_eager_kernels_on_cpu(compiled_llama, monkeypatc
     from propd_compile.decoding import _prefill_mask
 
     model, config = compiled_llama
+    model.propd.forward(config)  # built first: a build checks its package against the eager forward
     calls = []
 
     def compiled(*args, **kwargs):
