@@ -56,7 +56,7 @@ MAX_SKIP = 32  # steps between two of a tier that did not pay, at most
 # than a plain step without it: the estimates are about 10% off (latency) and near-ties are as
 # likely to pay as not, while skipping also stops the acceptance model's learning.
 SKIP_MARGIN = 0.05
-REALIZED_WEIGHT = 0.25  # weight of the latest speculative step in the running realized rate
+REALIZED_WEIGHT = 0.25  # weight of the latest step in the running realized and plain rates
 # What steps realized is measured, not estimated: a tier stays on only while its running realized
 # rate is at least a plain step's (a near-tie that realizes a loss is a loss on every such step).
 
@@ -98,6 +98,9 @@ class TreePlanner:
         self.costly_backoff, self.speculation_backoff = Backoff(), Backoff()
         # running realized / plain rate of the speculative steps of each tier
         self.realized: dict[bool, float | None] = {True: None, False: None}
+        self.plain_seconds: dict[int, float] = {}  # running measured time of a plain step, by active rows
+        self._forward = 0.0  # the last observed forward's seconds
+        self._to_judge: tuple[int, dict] | None = None  # (accepted tokens, plan) of the last step, expected to pay
         self.calibrated = latency.ready  # from `propd calibrate`: no probing needed
         self.seen_batches: set[int] = set()
         self.kept_fraction = 1.0  # share of tree nodes past early pruning (running mean; 1 without pruning)
@@ -178,7 +181,7 @@ class TreePlanner:
         self.last_choice = {
             "n": int(T[c]), "tokens": int(tokens[c]), "sizes": sizes, "expected": float(expected[c]),
             "predicted_seconds": float(forward[c]), "pays": pays, "plain_rate": plain,
-            "around": float(around[c]), "speculation": speculation, "costly": costly,
+            "around": float(around[c]), "speculation": speculation, "costly": costly, "active": active,
         }
         out = []
         for b, (tree, order) in enumerate(zip(trees, orders)):
@@ -197,12 +200,16 @@ class TreePlanner:
             self.speculation_backoff.judge(pays)
 
     def _judge(self, accepted: int, seconds: float, choice: dict) -> None:
-        """After a speculative step expected to pay: keep speculating while the running ratio of
-        what such steps realized (tokens per second, speculation included) to a plain step's
-        rate is at least 1. Expectations can be over-confident (priors from
-        other text, no learning while steps are plain); the realized rate is not."""
-        costly = choice["costly"]
-        ratio = accepted / (seconds + choice["around"] + choice["speculation"]) / choice["plain_rate"]
+        """After a speculative step expected to pay, that took `seconds` in all (measured:
+        forward, speculation and what happened around them): keep its tier on while the running
+        ratio of what such steps realized (tokens per second) to a plain step's rate is at
+        least 1. The plain rate is measured too, on the latest plain steps of as many rows (the
+        prediction where there were none): expectations can be over-confident (priors from other
+        text, no learning while steps are plain), and the latency model is about 10% off either
+        way, which at batch 16 made losing trees look like a gain; measured rates are neither."""
+        costly, active = choice["costly"], choice["active"]
+        plain = active / self.plain_seconds[active] if active in self.plain_seconds else choice["plain_rate"]
+        ratio = accepted / seconds / plain
         last = self.realized[costly]
         self.realized[costly] = ratio if last is None else last + REALIZED_WEIGHT * (ratio - last)
         self._schedule(costly, pays=self.realized[costly] >= 1.0)
@@ -244,9 +251,10 @@ class TreePlanner:
             accepted = sum(len(p) for p in paths)
             self.latency_errors.append(abs(choice["predicted_seconds"] - seconds) / seconds)
             self.outcomes.append((choice["expected"], accepted))
-            if choice["pays"]:
-                self._judge(accepted, seconds, choice)
+            if choice["pays"]:  # judged once the step's time around the forward is known
+                self._to_judge = (accepted, choice)
         self.last_choice = None
+        self._forward = seconds
         if nodes > 1:
             self.kept_fraction = 0.9 * self.kept_fraction + 0.1 * (kept / nodes)
         self.latency.observe(features(batch, nodes, kept, kv, tokens), seconds)
@@ -256,12 +264,21 @@ class TreePlanner:
     def observe_overhead(
         self, tokens: int, seconds: float, rows: int = 0, speculation: float | None = None, costly: bool = True,
     ) -> None:
-        """Learn what a step of `tokens` real nodes cost outside its forward, besides drafting and
-        planning, and (`speculation`, for a speculative step of `rows` rows, with or without the
-        costly drafters) what drafting and planning it cost."""
+        """Learn what the step just observed (`observe`) cost outside its forward, besides drafting
+        and planning (`tokens` real nodes), and (`speculation`, for a speculative step of `rows`
+        rows, with or without the costly drafters) what drafting and planning it cost; a step
+        expected to pay is judged on its whole time, a plain step's time is the plain rate."""
         self.overhead.observe([1.0, float(tokens)], max(seconds, 0.0))
+        total = self._forward + max(seconds, 0.0) + max(speculation or 0.0, 0.0)
         if speculation is not None and rows > 0:
             self.drafting[costly].observe([1.0, float(rows)], max(speculation, 0.0))
+        elif rows > 0:
+            last = self.plain_seconds.get(rows)
+            self.plain_seconds[rows] = total if last is None else last + REALIZED_WEIGHT * (total - last)
+        if self._to_judge is not None:
+            accepted, choice = self._to_judge
+            self._to_judge = None
+            self._judge(accepted, total, choice)
 
 
 def _sizes(gains: Sequence[Sequence[float]], candidate: int, rows: Sequence[int] | None) -> list[int]:

@@ -142,6 +142,7 @@ def _planned_step(planner, tree, accepted: int = 1, costly: bool = True) -> None
     planner.plan([tree], kv=10, costly=costly)
     n = planner.last_choice["n"]
     planner.observe([tree.subtree(list(range(n)))], [list(range(min(accepted, n)))], 0.05 + 0.001 * n, 1, n, 10)
+    planner.observe_overhead(n, 0.0, rows=1, speculation=planner.speculation_seconds(1, costly), costly=costly)
 
 
 POOR = TokenTree((1, 2, 3), (-1, 0, 1), (1.0, 0.3, 0.2))
@@ -181,6 +182,31 @@ def test_speculation_that_does_not_pay_is_skipped_and_probed_again():
     assert free.next_step()[0]  # with speculation free, the poor tree still pays
     free.plan([TokenTree.root_only(1)], kv=10, costly=False)
     assert not free.next_step()[0]  # no draft at all: speculating gained nothing
+
+
+def test_trees_are_judged_against_measured_plain_steps():
+    """The realized rate of a tree expected to pay is compared with what plain steps of as many
+    rows measured, not with the latency model's plain step: plain steps faster than predicted
+    make the same tree a loss."""
+    def realized_skip(plain_seconds: float | None) -> int:
+        planner = TreePlanner(AcceptanceModel(), fixed_latency(0.05, 0.0, 0.001), max_nodes=3, ragged=True)
+        if plain_seconds is not None:
+            for _ in range(4):  # plain steps: forward, then what happened around it
+                planner.observe([TokenTree.root_only(1)], [[0]], plain_seconds, 1, 1, 10)
+                planner.observe_overhead(1, 0.0, rows=1)
+        for _ in range(3):  # each realizes 2 tokens in 0.07 s: 29 tokens/s
+            planner.plan([GOOD], kv=10, costly=False)
+            n = planner.last_choice["n"]
+            planner.observe([GOOD.subtree(list(range(n)))], [[0, 1]], 0.07, 1, n, 10)
+            planner.observe_overhead(n, 0.0, rows=1, speculation=0.0, costly=False)
+        skipped = 0
+        while not planner.next_step()[0]:
+            skipped += 1
+        return skipped
+
+    assert realized_skip(None) == 0  # against the predicted plain step (20 tokens/s) it pays
+    assert realized_skip(0.06) == 0  # measured plain steps at 17 tokens/s: it pays
+    assert realized_skip(0.03) > 0  # measured plain steps at 33 tokens/s: it loses
 
 
 def test_costly_drafters_back_off_before_speculation_does():
