@@ -28,9 +28,10 @@ happening, none once a tree pays again): first the costly drafters are left out 
 and plan on the cheap drafts alone), then, if those do not pay either, the steps are plain steps
 that neither draft nor plan. So decoding with poor drafts, or at batch sizes where no tree pays,
 costs what plain decoding costs, and free drafts still pay where they can. A tree that was
-expected to pay is judged on what speculative steps of its tier realized (a running
-tokens-per-second ratio to a plain step), so over-confident expectations back off too. After a speculative step the acceptance
-model learns from what was accepted; the latency models learn from every step.
+expected to pay is judged on what speculative steps of its tier realized (a running ratio of
+measured tokens per second to that of recent plain steps), so over-confident expectations back
+off too. After a speculative step the acceptance model learns from what was accepted; the
+latency models learn from every step.
 
 Without a saved calibration (`propd calibrate`), or at a batch size larger than it measured, the
 planner measures a few step shapes the first time it sees a batch size (at the current KV length,
@@ -57,8 +58,6 @@ MAX_SKIP = 32  # steps between two of a tier that did not pay, at most
 # likely to pay as not, while skipping also stops the acceptance model's learning.
 SKIP_MARGIN = 0.05
 REALIZED_WEIGHT = 0.25  # weight of the latest step in the running realized and plain rates
-# What steps realized is measured, not estimated: a tier stays on only while its running realized
-# rate is at least a plain step's (a near-tie that realizes a loss is a loss on every such step).
 
 
 class Backoff:
@@ -166,7 +165,6 @@ class TreePlanner:
         tokens = active + torch.arange(len(T)) if self.ragged else B * T
         tokens = tokens.clamp(min=1)
         forward, seconds = self._seconds(B, T, kv, tokens)
-        around = seconds - forward  # the overhead model's price of each candidate
         # each candidate adds nodes to the last one: a fit may not make it cheaper
         forward, seconds = forward.cummax(0).values, seconds.cummax(0).values
         speculation = self.speculation_seconds(active, costly)
@@ -175,13 +173,13 @@ class TreePlanner:
         plain = float(expected[0] / seconds[0])  # a plain step, neither drafted nor planned
         # a step whose best candidate is the plain step paid for speculation and gained nothing
         pays = c > 0 and float(rates[c]) > (1 - SKIP_MARGIN) * plain
-        if not pays:  # a tree expected to pay is judged on what it realizes (`observe`)
+        if not pays:  # a tree expected to pay is judged on what it realizes (`observe_overhead`)
             self._schedule(costly, pays=False)
         sizes = _sizes(gains, c, rows)
         self.last_choice = {
             "n": int(T[c]), "tokens": int(tokens[c]), "sizes": sizes, "expected": float(expected[c]),
             "predicted_seconds": float(forward[c]), "pays": pays, "plain_rate": plain,
-            "around": float(around[c]), "speculation": speculation, "costly": costly, "active": active,
+            "costly": costly, "active": active,
         }
         out = []
         for b, (tree, order) in enumerate(zip(trees, orders)):
