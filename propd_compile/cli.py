@@ -413,11 +413,15 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--threads", type=int, default=None, help="torch CPU threads (kernels and fit are per thread count)")
     w.set_defaults(func=cmd_warmup)
     args = parser.parse_args(argv)
+    threads = torch.get_num_threads()
     if args.threads:
         torch.set_num_threads(args.threads)
     logging.basicConfig(level=logging.WARNING)
     warnings.filterwarnings("ignore", category=UserWarning, module="transformers")
-    return args.func(args)
+    try:
+        return args.func(args)
+    finally:  # called in-process (tests, notebooks), a command leaves the thread count as it was
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,8 @@ One package serves every step: plain one-token steps, trees of any size, any bat
 the prefill (`last_only`: the LM head runs on the last position only) of short prompts; on CPU,
 prompts of more than EAGER_PREFILL_TOKENS real tokens prefill on eager kernels, which are
 faster at hundreds of rows (`prefill_forward`). It holds one frozen copy of the weights (the
-GEMM templates' packed layout), beside the model's own parameters.
+GEMM templates' packed layout, `kernels.cpp_gemm_weights`), beside the model's own parameters.
+The cache keeps the KEPT_PACKAGES most recently used packages per model and kind.
 
 `ProPDConfig.compile`: "auto" (default) uses the package when it is already built and eager
 kernels otherwise (so a first run is not a multi-minute compile), True builds it when missing,
@@ -29,6 +30,7 @@ used: the next `generate` uses a package built for the new weights (or eager ker
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -53,6 +55,7 @@ log = logging.getLogger("propd_compile.runtime_compile")
 # against ATen per linear shape.
 INDUCTOR_OPTIONS = {"freezing": True, "max_autotune": True, "max_autotune_gemm_backends": "CPP,ATEN"}
 MAX_BATCH = 256
+KEPT_PACKAGES = 3  # per model and kind: packages for other weights or code than these are removed
 
 
 def package_pass_options(device: str) -> dict:
@@ -210,6 +213,20 @@ def manifest_path(package: Path) -> Path:
     return package.with_suffix(".json")
 
 
+def _evict_stale(package: Path) -> None:
+    """Keep the KEPT_PACKAGES most recently used packages of `package`'s model, kind, device and
+    thread count (the name before the digest); older ones (earlier weights or propd versions, each
+    the size of the weights) are removed with their manifests."""
+    stem = package.stem.rsplit("-", 1)[0]
+    siblings = [p for p in package.parent.glob(f"{stem}-*.pt2") if p.stem.rsplit("-", 1)[0] == stem and ".partial" not in p.name]
+    siblings.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    for old in siblings[KEPT_PACKAGES:]:
+        if old != package:
+            log.info("propd: removing the unused package %s", old.name)
+            old.unlink(missing_ok=True)
+            manifest_path(old).unlink(missing_ok=True)
+
+
 # --- building and loading ---------------------------------------------------------------------
 @torch.no_grad()
 def export_verification(model: torch.nn.Module, hidden: bool, taps: tuple[int, ...] = ()) -> torch.export.ExportedProgram:
@@ -229,6 +246,7 @@ def build(model: torch.nn.Module, key: PackageKey, progress: bool = True) -> Pat
     a CPU); checks the package against the eager forward before keeping it."""
     from tqdm.auto import tqdm
 
+    from propd_compile.kernels.cpp_gemm_weights import pruned_gemm_weights
     from propd_compile.kernels.tree_attention import inductor_patches
     from propd_compile.passes import run_passes
 
@@ -250,7 +268,7 @@ def build(model: torch.nn.Module, key: PackageKey, progress: bool = True) -> Pat
                 log.info("propd package %s: %s", path.name, r)
         elif phase.startswith("Inductor"):
             tmp = path.with_suffix(".partial.pt2")
-            with inductor_patches(key.device):
+            with inductor_patches(key.device), pruned_gemm_weights():
                 torch._inductor.aoti_compile_and_package(
                     ep, package_path=str(tmp), inductor_configs=json.loads(key.inductor)
                 )
@@ -264,6 +282,7 @@ def build(model: torch.nn.Module, key: PackageKey, progress: bool = True) -> Pat
         "package_bytes": path.stat().st_size,
     }
     manifest_path(path).write_text(json.dumps(manifest, indent=1) + "\n")
+    _evict_stale(path)
     from torch._dynamo.utils import counters
 
     counters["propd"]["packages_built"] += 1
@@ -413,6 +432,8 @@ def compiled_forward(
             return None
         log.warning("propd: compiling the verification kernels for %s (a few minutes, once per machine)", key.model)
         build(model, key)
+    with contextlib.suppress(OSError):
+        path.touch()  # most recently used: kept when newer packages of this model are built
     return package_forward(model, load_runner(path), hidden, taps)
 
 

@@ -7,7 +7,15 @@ pytestmark = pytest.mark.real_model
 
 
 def test_generate_compare_reports_identical_outputs(capsys):
-    assert main(["generate", "Name three colours.", "--max-new-tokens", "12", "--compare", "--threads", "1"]) == 0
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        assert main(["generate", "Name three colours.", "--max-new-tokens", "12", "--compare", "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 3  # --threads holds for the command only
+    finally:
+        torch.set_num_threads(threads)
     out = capsys.readouterr().out
     assert "identical: yes" in out and "speedup" in out and "tok/s" in out
 

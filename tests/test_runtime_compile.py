@@ -17,7 +17,7 @@ from models_tiny import VOCAB, hf_greedy, left_padded, tiny_model, tree_steps, t
 from propd_compile import ProPDConfig, accelerate, restore
 from propd_compile.cache import TreeKVCache
 from propd_compile.decoding import eager_forward
-from propd_compile.runtime_compile import MAX_BATCH, manifest_path, package_key
+from propd_compile.runtime_compile import KEPT_PACKAGES, MAX_BATCH, _evict_stale, manifest_path, package_key
 
 SETTINGS = dict(deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
@@ -213,3 +213,25 @@ def test_the_exported_attention_reads_the_cache_without_repeating_it():
         q, k, v = (a.meta["val"] for a in node.args[:3])
         assert q.shape[1] == k.shape[1] == v.shape[1] == kv_heads
         assert not node.kwargs.get("enable_gqa", False)
+
+
+def test_building_a_package_removes_the_least_recently_used_of_its_model(tmp_path):
+    """Packages of the same model, kind, device and threads beyond KEPT_PACKAGES go, oldest use
+    first, with their manifests; other models' packages and partial builds stay."""
+    import os
+
+    def package(name: str, age: int) -> Path:
+        p = tmp_path / f"{name}.pt2"
+        p.write_bytes(b"x")
+        manifest_path(p).write_text("{}")
+        os.utime(p, (1000 - age, 1000 - age))
+        return p
+
+    same = [package(f"tiny-hidden-cpu2t-{i:04x}", age=i) for i in range(KEPT_PACKAGES + 2)]
+    others = [package("tiny-hidden-t0-cpu2t-aaaa", 50), package("tiny-hidden-cpu1t-bbbb", 50), package("other-hidden-cpu2t-cccc", 50)]
+    partial = tmp_path / "tiny-hidden-cpu2t-dddd.partial.pt2"
+    partial.write_bytes(b"x")
+    _evict_stale(same[0])
+    assert [p.exists() for p in same] == [True] * KEPT_PACKAGES + [False] * 2
+    assert [manifest_path(p).exists() for p in same] == [True] * KEPT_PACKAGES + [False] * 2
+    assert all(p.exists() for p in others) and partial.exists()
