@@ -335,7 +335,7 @@ def tree_generate(
                 n_real_l[b] += len(path)
         cache.compact(W, kept_nodes)
         speculated, costly_before = speculating, costly
-        speculating, costly = planner.next_step() if planner is not None else (True, True)
+        speculating, costly = planner.next_step(done.count(False)) if planner is not None else (True, True)
         costly = costly and needs_hidden
         t_draft = time.perf_counter()
         if costly and speculating:

@@ -30,8 +30,9 @@ that neither draft nor plan. So decoding with poor drafts, or at batch sizes whe
 costs what plain decoding costs, and free drafts still pay where they can. A tree that was
 expected to pay is judged on what speculative steps of its tier realized (a running ratio of
 measured tokens per second to that of recent plain steps), so over-confident expectations back
-off too. After a speculative step the acceptance model learns from what was accepted; the
-latency models learn from every step.
+off too. Each power-of-two bucket of active rows has its own schedule (`Schedule`): what pays
+at batch 1 says nothing about batch 16. After a speculative step the acceptance model learns
+from what was accepted; the latency models learn from every step.
 
 Without a saved calibration (`propd calibrate`), or at a batch size larger than it measured, the
 planner measures a few step shapes the first time it sees a batch size (at the current KV length,
@@ -60,6 +61,11 @@ SKIP_MARGIN = 0.05
 REALIZED_WEIGHT = 0.25  # weight of the latest step in the running realized and plain rates
 
 
+def batch_bucket(rows: int) -> int:
+    """The power of two at or above `rows`: batch sizes whose trees pay alike share a schedule."""
+    return 1 << max(rows - 1, 0).bit_length()
+
+
 class Backoff:
     """Steps to go without something that did not pay: 1, 2, 4, ... up to MAX_SKIP while it keeps
     not paying, none once it pays."""
@@ -80,6 +86,24 @@ class Backoff:
         return True
 
 
+class Schedule:
+    """Which tiers speculate at one batch bucket: each tier's back-off and the running ratio of
+    what its speculative steps realized to the rate of plain steps. A tree that pays at batch 1
+    says nothing about batch 16, where a step costs several times more per extra node."""
+
+    def __init__(self) -> None:
+        self.costly, self.speculation = Backoff(), Backoff()
+        self.realized: dict[bool, float | None] = {True: None, False: None}
+
+    def judge(self, costly: bool, pays: bool) -> None:
+        """After a speculative step of a tier: the same tier again next step if it paid, else back
+        off that tier (the costly drafters, or all speculation)."""
+        if costly:
+            self.costly.judge(pays)
+        if pays or not costly:  # costly drafters that did not pay leave the cheap tier to try
+            self.speculation.judge(pays)
+
+
 def best_first(tree: TokenTree, l: Sequence[float]) -> list[int]:
     """Node indices by path probability, parents before children (l never grows along a path)."""
     depths = tree.depths
@@ -94,9 +118,7 @@ class TreePlanner:
         # seconds a speculative step spends drafting and planning, on features [1, rows], with
         # the costly drafters (True) and without them (False)
         self.drafting = {True: LatencyModel(refit_every=4), False: LatencyModel(refit_every=4)}
-        self.costly_backoff, self.speculation_backoff = Backoff(), Backoff()
-        # running realized / plain rate of the speculative steps of each tier
-        self.realized: dict[bool, float | None] = {True: None, False: None}
+        self.schedules: dict[int, Schedule] = {}  # by batch bucket of the active rows
         self.plain_seconds: dict[int, float] = {}  # running measured time of a plain step, by active rows
         self._forward = 0.0  # the last observed forward's seconds
         self._to_judge: tuple[int, dict] | None = None  # (accepted tokens, plan) of the last step, expected to pay
@@ -174,7 +196,7 @@ class TreePlanner:
         # a step whose best candidate is the plain step paid for speculation and gained nothing
         pays = c > 0 and float(rates[c]) > (1 - SKIP_MARGIN) * plain
         if not pays:  # a tree expected to pay is judged on what it realizes (`observe_overhead`)
-            self._schedule(costly, pays=False)
+            self.schedule(active).judge(costly, pays=False)
         sizes = _sizes(gains, c, rows)
         self.last_choice = {
             "n": int(T[c]), "tokens": int(tokens[c]), "sizes": sizes, "expected": float(expected[c]),
@@ -189,13 +211,9 @@ class TreePlanner:
                 out.append(tree.subtree(order[: sizes[b]]) if sizes[b] < len(tree) else tree)
         return out
 
-    def _schedule(self, costly: bool, pays: bool) -> None:
-        """After a speculative step of a tier: the same tier again next step if it paid, else back
-        off that tier (the costly drafters, or all speculation)."""
-        if costly:
-            self.costly_backoff.judge(pays)
-        if pays or not costly:  # costly drafters that did not pay leave the cheap tier to try
-            self.speculation_backoff.judge(pays)
+    def schedule(self, rows: int) -> Schedule:
+        """The speculation schedule of steps with `rows` active rows (their batch bucket)."""
+        return self.schedules.setdefault(batch_bucket(rows), Schedule())
 
     def _judge(self, accepted: int, seconds: float, choice: dict) -> None:
         """After a speculative step expected to pay, that took `seconds` in all (measured:
@@ -208,15 +226,17 @@ class TreePlanner:
         costly, active = choice["costly"], choice["active"]
         plain = active / self.plain_seconds[active] if active in self.plain_seconds else choice["plain_rate"]
         ratio = accepted / seconds / plain
-        last = self.realized[costly]
-        self.realized[costly] = ratio if last is None else last + REALIZED_WEIGHT * (ratio - last)
-        self._schedule(costly, pays=self.realized[costly] >= 1.0)
+        schedule = self.schedule(active)
+        last = schedule.realized[costly]
+        schedule.realized[costly] = ratio if last is None else last + REALIZED_WEIGHT * (ratio - last)
+        schedule.judge(costly, pays=schedule.realized[costly] >= 1.0)
 
-    def next_step(self) -> tuple[bool, bool]:
-        """(speculate, with the costly drafters) for the next step, asked once per step before the
-        drafters would prepare it; not speculating is a plain step."""
-        costly = self.costly_backoff.due()
-        return self.speculation_backoff.due(), costly
+    def next_step(self, rows: int) -> tuple[bool, bool]:
+        """(speculate, with the costly drafters) for the next step, of `rows` active rows, asked
+        once per step before the drafters would prepare it; not speculating is a plain step."""
+        schedule = self.schedule(rows)
+        costly = schedule.costly.due()
+        return schedule.speculation.due(), costly
 
     @staticmethod
     def _ragged_additions(gains: Sequence[Sequence[float]]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:

@@ -164,7 +164,7 @@ def test_speculation_that_does_not_pay_is_skipped_and_probed_again():
     def skipped_after(tree, accepted: int = 1) -> int:
         _planned_step(planner, tree, accepted, costly=False)
         n = 0
-        while not planner.next_step()[0]:
+        while not planner.next_step(1)[0]:
             n += 1
         return n
 
@@ -179,9 +179,9 @@ def test_speculation_that_does_not_pay_is_skipped_and_probed_again():
     assert skips[0] == 0 and skips == sorted(skips) and skips[-1] >= 2
     free = TreePlanner(AcceptanceModel(), fixed_latency(0.05, 0.0, 0.001), max_nodes=3, ragged=True)
     free.plan([POOR], kv=10, costly=False)
-    assert free.next_step()[0]  # with speculation free, the poor tree still pays
+    assert free.next_step(1)[0]  # with speculation free, the poor tree still pays
     free.plan([TokenTree.root_only(1)], kv=10, costly=False)
-    assert not free.next_step()[0]  # no draft at all: speculating gained nothing
+    assert not free.next_step(1)[0]  # no draft at all: speculating gained nothing
 
 
 def test_trees_are_judged_against_measured_plain_steps():
@@ -200,7 +200,7 @@ def test_trees_are_judged_against_measured_plain_steps():
             planner.observe([GOOD.subtree(list(range(n)))], [[0, 1]], 0.07, 1, n, 10)
             planner.observe_overhead(n, 0.0, rows=1, speculation=0.0, costly=False)
         skipped = 0
-        while not planner.next_step()[0]:
+        while not planner.next_step(1)[0]:
             skipped += 1
         return skipped
 
@@ -218,16 +218,32 @@ def test_costly_drafters_back_off_before_speculation_does():
         planner.observe_overhead(1, 0.0, rows=1, speculation=0.04, costly=True)  # the heads: 80% of a step
         planner.observe_overhead(1, 0.0, rows=1, speculation=0.001, costly=False)  # n-gram: 2%
     _planned_step(planner, POOR, costly=True)
-    assert planner.next_step() == (True, False)  # the cheap tier still speculates
+    assert planner.next_step(1) == (True, False)  # the cheap tier still speculates
     _planned_step(planner, POOR, accepted=2, costly=False)  # with nearly free drafting the poor tree pays
-    assert planner.next_step() == (True, True)  # the costly drafters' skip of 1 is over
+    assert planner.next_step(1) == (True, True)  # the costly drafters' skip of 1 is over
     _planned_step(planner, POOR, costly=True)
-    assert [planner.next_step() for _ in range(3)] == [(True, False), (True, False), (True, True)]
+    assert [planner.next_step(1) for _ in range(3)] == [(True, False), (True, False), (True, True)]
     _planned_step(planner, POOR, costly=True)
     _planned_step(planner, TokenTree.root_only(1), costly=False)  # no cheap draft: nothing gained
-    assert planner.next_step() == (False, False)  # plain, and the costly skip counts down meanwhile
+    assert planner.next_step(1) == (False, False)  # plain, and the costly skip counts down meanwhile
     _planned_step(planner, GOOD, accepted=3, costly=True)
-    assert planner.next_step() == (True, True)
+    assert planner.next_step(1) == (True, True)
+
+
+def test_each_batch_bucket_keeps_its_own_schedule():
+    """Speculation that did not pay at one batch size backs off there only: steps of another
+    power-of-two bucket of active rows keep their own back-off and realized rates."""
+    from propd_compile.planner import batch_bucket
+
+    assert [batch_bucket(r) for r in (1, 2, 3, 4, 5, 8, 9, 16, 17, 32)] == [1, 2, 4, 4, 8, 8, 16, 16, 32, 32]
+    planner = TreePlanner(AcceptanceModel(), fixed_latency(0.05, 0.0, 0.001), max_nodes=3, ragged=True)
+    for _ in range(8):
+        planner.observe_overhead(1, 0.0, rows=1, speculation=0.04, costly=False)
+    _planned_step(planner, POOR, costly=False)  # one row: does not pay, backs off
+    assert planner.next_step(16) == (True, True) and planner.next_step(9) == (True, True)
+    assert planner.next_step(2) == (True, True)
+    assert planner.next_step(1)[0] is False
+    assert planner.schedule(12) is planner.schedule(16) and planner.schedule(1) is not planner.schedule(2)
 
 
 def test_batch_sizes_beyond_the_calibration_are_probed_plain_steps_included(monkeypatch):
