@@ -1,4 +1,5 @@
-"""Custom ops the propd backend emits: tree attention and runtime-owned KV-cache writes."""
+"""Custom ops the propd backend emits: tree attention, runtime-owned KV-cache writes and
+block-format linears (`block_linear`, a C++ kernel built on first use)."""
 # This folder installs as `propd_compile.kernels`. Run from the source root, it is also visible
 # as a top-level `kernels`, which transformers probes for the unrelated HF `kernels` package;
 # stay inert under that name so the probe imports nothing.

@@ -15,6 +15,9 @@ Options (`options=` of torch.compile; unknown keys are ignored with a debug log)
     inductor: bool = True           False: return the rewritten graph to run eagerly (debugging)
     inductor_config: dict = {}      Inductor config patches passed to compile_fx
     debug: bool = False             dump the graph before/after the passes (as PROPD_DEBUG=1)
+    block_linear: bool = True       compiled packages on CPU (ProPDConfig(compile=...)): linears
+                                    whose weights a block format holds exactly read that format
+                                    (kernels/block_linear.py); False keeps fp32 weights
 
 The backend is pure: Dynamo may call it more than once for one compile (e.g. restarts under
 dynamic=True), so the passes run on a copy of the graph module and the only global effects are
@@ -50,6 +53,7 @@ _OPTION_TYPES: dict[str, tuple[type, ...]] = {
     "inductor": (bool,),
     "inductor_config": (Mapping,),
     "debug": (bool,),
+    "block_linear": (bool,),
 }
 
 

@@ -15,8 +15,11 @@ process loads it in about a second instead of compiling for minutes (`propd warm
 One package serves every step: plain one-token steps, trees of any size, any batch size, and
 the prefill (`last_only`: the LM head runs on the last position only) of short prompts; on CPU,
 prompts of more than EAGER_PREFILL_TOKENS real tokens prefill on eager kernels, which are
-faster at hundreds of rows (`prefill_forward`). It holds one frozen copy of the weights (the
-GEMM templates' packed layout, `kernels.cpp_gemm_weights`), beside the model's own parameters.
+faster at hundreds of rows (`prefill_forward`). It holds one frozen copy of the weights beside
+the model's own parameters: linears whose weights a block format holds exactly (Q4_1, Q8_0,
+bf16: a model dequantized from GGUF, a bf16 checkpoint) in that format, read by
+`propd::block_linear` (`kernels.block_linear`), the others in the GEMM templates' packed layout
+(`kernels.cpp_gemm_weights`).
 The cache keeps the KEPT_PACKAGES most recently used packages per model and kind.
 
 `ProPDConfig.compile`: "auto" (default) uses the package when it is already built and eager
@@ -107,7 +110,7 @@ class Verification(torch.nn.Module):
 def _example(model: torch.nn.Module, batch: int = 2, tree: int = 8, kv: int = 64):
     """A padded tree step (sizes > 1, and fewer real nodes than B * T: export specialises sizes
     of 1 and would tie sizes that are equal in the example): (ids, mask, positions, nodes, cache)."""
-    vocab = model.get_output_embeddings().weight.shape[0]
+    vocab = model.get_output_embeddings().out_features
     device = next(model.parameters()).device
     anc = torch.ones(tree, tree, dtype=torch.bool).tril()
     mask = torch.cat([torch.ones(batch, tree, kv - tree, dtype=torch.bool), anc.repeat(batch, 1, 1)], 2)[:, None]
@@ -163,7 +166,7 @@ def _code_digest() -> str:
     h = hashlib.blake2b(digest_size=8)
     for pkg in ("passes", "kernels"):
         mod = __import__(f"propd_compile.{pkg}", fromlist=["__file__"])
-        for f in sorted(Path(mod.__file__).parent.glob("*.py")):
+        for f in sorted(Path(mod.__file__).parent.glob("*.py")) + sorted(Path(mod.__file__).parent.glob("*.cpp")):
             h.update(f.read_bytes())
     from propd_compile import ragged
 
@@ -185,10 +188,12 @@ class PackageKey:
     dtype: str
     device: str
     inductor: str  # the Inductor options, as sorted JSON
+    block_linear: bool = False  # linears whose weights a block format holds exactly read that format
 
     @classmethod
     def of(
-        cls, model: torch.nn.Module, hidden: bool, weights: str, inductor: dict | None = None, taps: tuple[int, ...] = ()
+        cls, model: torch.nn.Module, hidden: bool, weights: str, inductor: dict | None = None, taps: tuple[int, ...] = (),
+        block_linear: bool = True,
     ) -> "PackageKey":
         from propd_compile.heads import model_name
 
@@ -198,6 +203,7 @@ class PackageKey:
             cpu=torch.backends.cpu.get_cpu_capability(), torch=torch.__version__, code=_code_digest(),
             dtype=str(param.dtype).replace("torch.", ""), device=param.device.type,
             inductor=json.dumps(inductor or INDUCTOR_OPTIONS, sort_keys=True),
+            block_linear=block_linear and param.device.type == "cpu",
         )
 
     def path(self, root: Path | None = None) -> Path:
@@ -246,6 +252,7 @@ def build(model: torch.nn.Module, key: PackageKey, progress: bool = True) -> Pat
     a CPU); checks the package against the eager forward before keeping it."""
     from tqdm.auto import tqdm
 
+    from propd_compile.kernels.block_linear import BlockReport, block_linears
     from propd_compile.kernels.cpp_gemm_weights import pruned_gemm_weights
     from propd_compile.kernels.tree_attention import inductor_patches
     from propd_compile.passes import run_passes
@@ -260,9 +267,10 @@ def build(model: torch.nn.Module, key: PackageKey, progress: bool = True) -> Pat
         bar.set_postfix_str(phase)
         t = time.perf_counter()
         if phase == "export":
-            ep = export_verification(model, key.hidden, key.taps)
+            with block_linears(model) if key.block_linear else contextlib.nullcontext(BlockReport()) as blocks:
+                ep = export_verification(model, key.hidden, key.taps)
         elif phase == "propd passes":
-            reports = run_passes(ep.graph_module, package_pass_options(key.device))
+            reports = [blocks, *run_passes(ep.graph_module, package_pass_options(key.device))]
             ep.graph_module.recompile()
             for r in reports:
                 log.info("propd package %s: %s", path.name, r)
@@ -273,12 +281,12 @@ def build(model: torch.nn.Module, key: PackageKey, progress: bool = True) -> Pat
                     ep, package_path=str(tmp), inductor_configs=json.loads(key.inductor)
                 )
         else:
-            check_package(model, key.hidden, load_runner(tmp), key.taps)
+            check_package(model, key.hidden, load_runner(tmp, bool(blocks.swapped)), key.taps)
             tmp.replace(path)
         timings[phase] = time.perf_counter() - t
     manifest = {
         "key": asdict(key), "format": FORMAT, "compile_seconds": time.perf_counter() - t0, "phases": timings,
-        "passes": [str(r) for r in reports],
+        "passes": [str(r) for r in reports], "block_linears": len(blocks.swapped),
         "package_bytes": path.stat().st_size,
     }
     manifest_path(path).write_text(json.dumps(manifest, indent=1) + "\n")
@@ -289,16 +297,39 @@ def build(model: torch.nn.Module, key: PackageKey, progress: bool = True) -> Pat
     return path
 
 
-def load_runner(path: Path) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
-    """The package's flat calling function (AOTInductor's loader, without pytree work per call)."""
+def reads_block_weights(package: Path) -> bool:
+    """Whether the package's manifest says its linears call `propd::block_linear`."""
+    try:
+        return bool(json.loads(manifest_path(package).read_text()).get("block_linears"))
+    except (OSError, ValueError):
+        return False
+
+
+def load_runner(path: Path, block_linear: bool | None = None) -> Callable[[list[torch.Tensor]], list[torch.Tensor]]:
+    """The package's flat calling function (AOTInductor's loader, without pytree work per call).
+    `block_linear`: whether it calls `propd::block_linear` (default: what its manifest says),
+    which is then loaded first."""
+    if block_linear is None:
+        block_linear = reads_block_weights(path)
+    if block_linear:
+        from propd_compile.kernels.block_linear import available
+
+        if not available():
+            raise RuntimeError(
+                f"the package {path.name} calls propd::block_linear, which cannot be built here; "
+                "delete it, or pass backend_options={'block_linear': False}"
+            )
     loader = torch._inductor.aoti_load_package(str(path)).loader
     return loader.boxed_run
 
 
-def package_forward(model: torch.nn.Module, run: Callable, hidden: bool, taps: tuple[int, ...] = ()) -> Forward:
+def package_forward(
+    model: torch.nn.Module, run: Callable, hidden: bool, taps: tuple[int, ...] = (), block_linear: bool = False
+) -> Forward:
     """The decode loop's Forward over a package's runner: logits, or with `hidden` (logits,
     hidden), with `taps` (logits, hidden, features), in the padded [B, T] layout. The package of a
-    feature drafter's taps serves every kind; a hidden package serves logits and (logits, hidden)."""
+    feature drafter's taps serves every kind; a hidden package serves logits and (logits, hidden).
+    `block_linear`: the package's linears read block-format weights (`forward.block_linear`)."""
     device = next(model.parameters()).device
 
     def forward(input_ids, mask, position_ids, cache, last_only: bool = False):
@@ -314,6 +345,7 @@ def package_forward(model: torch.nn.Module, run: Callable, hidden: bool, taps: t
         rest = [step.unpack(x, (B, T)) for x in out[1 : 1 + bool(hidden or taps) + bool(taps)]]
         return (logits, *rest) if hidden or taps else logits
 
+    forward.block_linear = block_linear
     return forward
 
 
@@ -322,18 +354,24 @@ def package_forward(model: torch.nn.Module, run: Callable, hidden: bool, taps: t
 # (examples/prefill_kernels.py): 32 tokens 122 vs 162 ms, 64 206 vs 201, 96 267 vs 257, 128 393
 # vs 294, 512 1699 vs 1149; 8 MT-Bench prompts packed (628 real tokens) 2.2 vs 1.6 s.
 EAGER_PREFILL_TOKENS = 80
+# A package whose linears read block-format weights was faster at every length measured: 32
+# tokens 88 vs 219 ms, 128 262 vs 470, 512 1168 vs 1249; 8 MT-Bench prompts packed (628 real
+# tokens) 1.52 vs 1.72 s, padded (1680) 3.50 vs 3.59 s. Longer prompts than measured run eager.
+BLOCK_EAGER_PREFILL_TOKENS = 2048
 
 
 def prefill_forward(model: torch.nn.Module, compiled: Forward, hidden: bool, taps: tuple[int, ...] = ()) -> Forward:
     """The prefill's forward beside a compiled one: the package for short prompts, eager kernels
-    on CPU for prompts of more than EAGER_PREFILL_TOKENS real tokens."""
+    on CPU for prompts of more than EAGER_PREFILL_TOKENS real tokens (BLOCK_EAGER_PREFILL_TOKENS
+    for a package of block-format linears)."""
     if next(model.parameters()).device.type != "cpu":
         return compiled
     eager = eager_forward(model, hidden=hidden, taps=taps)
 
     def forward(input_ids, mask, position_ids, cache, last_only: bool = False):
         tokens = cache.ragged.flat.numel() if cache.ragged is not None else input_ids.numel()
-        return (eager if tokens > EAGER_PREFILL_TOKENS else compiled)(input_ids, mask, position_ids, cache, last_only)
+        limit = BLOCK_EAGER_PREFILL_TOKENS if getattr(compiled, "block_linear", False) else EAGER_PREFILL_TOKENS
+        return (eager if tokens > limit else compiled)(input_ids, mask, position_ids, cache, last_only)
 
     return forward
 
@@ -398,7 +436,8 @@ def package_key(model: torch.nn.Module, config: ProPDConfig, taps: tuple[int, ..
     weights = built_for(model, ("weights digest", weights_version(model)), lambda: weights_digest(model))
     inductor = config.backend_options.get("inductor_config") or INDUCTOR_OPTIONS
     hidden = wants_hidden_package(model)
-    return PackageKey.of(model, hidden, weights, dict(inductor), tuple(taps) or (_drafter_taps(model, config) if hidden else ()))
+    taps = tuple(taps) or (_drafter_taps(model, config) if hidden else ())
+    return PackageKey.of(model, hidden, weights, dict(inductor), taps, config.backend_options.get("block_linear", True))
 
 
 def _drafter_taps(model: torch.nn.Module, config: ProPDConfig) -> tuple[int, ...]:
@@ -434,7 +473,8 @@ def compiled_forward(
         build(model, key)
     with contextlib.suppress(OSError):
         path.touch()  # most recently used: kept when newer packages of this model are built
-    return package_forward(model, load_runner(path), hidden, taps)
+    block = reads_block_weights(path)
+    return package_forward(model, load_runner(path, block), hidden, taps, block)
 
 
 def warm(model: torch.nn.Module, config: ProPDConfig) -> bool:

@@ -110,3 +110,19 @@ def twin_caches(model, batch: int, length: int, seed: int):
         a.normal_(generator=g)
         b.copy_(a)
     return caches
+
+
+def q4_1_weights(model: torch.nn.Module, names: tuple[str, ...] = ("layers",)) -> torch.nn.Module:
+    """Round the bias-free linear weights under `names` to GGUF Q4_1 values (blocks of 32 along
+    the inputs: fp16 scale d and minimum m, w = d * q + m with q in 0..15), the form a model
+    dequantized from GGUF has; in place, returns the model."""
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if isinstance(mod, torch.nn.Linear) and mod.bias is None and any(n in name for n in names):
+                w = mod.weight
+                b = w.reshape(w.shape[0], -1, 32)
+                lo = b.amin(-1, keepdim=True).half().float()
+                d = ((b.amax(-1, keepdim=True) - lo) / 15).half().float().clamp_min(2**-14)
+                q = ((b - lo) / d).round().clamp(0, 15)
+                w.copy_((d * q + lo).reshape(w.shape))
+    return model

@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from torch._dynamo.utils import counters
 
 import propd_compile
-from models_tiny import VOCAB, hf_greedy, left_padded, tiny_model, tree_steps, twin_caches
+from models_tiny import VOCAB, hf_greedy, left_padded, q4_1_weights, tiny_model, tree_steps, twin_caches
 from propd_compile import ProPDConfig, accelerate, restore
 from propd_compile.cache import TreeKVCache
 from propd_compile.decoding import eager_forward
@@ -79,7 +79,8 @@ def test_a_packed_prefill_computes_the_padded_one(compiled_llama, rows):
 
 
 def test_long_prompts_prefill_on_eager_kernels_on_cpu(compiled_llama, monkeypatch):
-    """A prefill of more than EAGER_PREFILL_TOKENS real tokens runs eager; shorter ones the package."""
+    """A prefill of more than EAGER_PREFILL_TOKENS real tokens runs eager; shorter ones the package
+    (a Forward that is not a block-format package: the fp32 threshold)."""
     from propd_compile import runtime_compile
     from propd_compile.decoding import _prefill_mask
 
@@ -97,13 +98,21 @@ def test_long_prompts_prefill_on_eager_kernels_on_cpu(compiled_llama, monkeypatc
 
     monkeypatch.setattr(runtime_compile, "eager_forward", eager)
     monkeypatch.setattr(runtime_compile, "EAGER_PREFILL_TOKENS", 10)
-    prefill = runtime_compile.prefill_forward(model, compiled, hidden=False)
-    for rows, expected in (([[7] * 4, [8] * 5], "package"), ([[7] * 4, [8] * 7], "eager"), ([[9] * 11], "eager")):
+
+    def routes(rows) -> str:
+        prefill = runtime_compile.prefill_forward(model, compiled, hidden=False)
         ids, attention = left_padded(rows)
         cache = TreeKVCache.for_model(model, ids.shape[0], ids.shape[1] + 2)
         cache.begin_step(_prefill_mask(attention.bool()), attention.bool())
         prefill(ids, _prefill_mask(attention.bool()), (attention.cumsum(1) - 1).clamp(min=0), cache, last_only=True)
-        assert calls[-1] == expected, (rows, calls)
+        return calls[-1]
+
+    for rows, expected in (([[7] * 4, [8] * 5], "package"), ([[7] * 4, [8] * 7], "eager"), ([[9] * 11], "eager")):
+        assert routes(rows) == expected, rows
+    compiled.block_linear = True  # a block-format package keeps its own threshold
+    monkeypatch.setattr(runtime_compile, "BLOCK_EAGER_PREFILL_TOKENS", 6)
+    for rows, expected in (([[7] * 3, [8] * 3], "package"), ([[7] * 4, [8] * 5], "eager"), ([[9] * 11], "eager")):
+        assert routes(rows) == expected, rows
 
 
 @settings(max_examples=12, **SETTINGS)
@@ -121,15 +130,30 @@ def test_compiled_decoding_is_lossless_and_compiles_nothing(compiled_llama, rows
 
 
 def test_the_package_records_its_passes_and_build(compiled_llama):
-    """The manifest says what the passes did: on CPU the tree-attention rewrite is off (its
+    """The manifest says what the passes did (after the block-format swap): on CPU the tree-attention rewrite is off (its
     custom op would call back into Python every layer), elsewhere it rewrote every attention."""
     model, config = compiled_llama
     manifest = json.loads(manifest_path(package_key(model, config).path()).read_text())
     layers = model.config.num_hidden_layers
     key = package_key(model, config)
     expected = "tree_attention: disabled" if key.device == "cpu" else f"tree_attention: rewritten={layers} "
-    assert manifest["passes"][0].startswith(expected)
+    assert manifest["passes"][1].startswith(expected)
     assert manifest["compile_seconds"] > 0 and manifest["package_bytes"] > 0
+
+
+def test_the_package_reads_the_decoder_weights_in_their_block_format(compiled_llama):
+    """Decoder linears whose weights are Q4_1 values call propd::block_linear on the packed
+    weights; the fp32 LM head is left to Inductor's GEMMs, and the manifest says why."""
+    from propd_compile.kernels.block_linear import available
+
+    model, config = compiled_llama
+    manifest = json.loads(manifest_path(package_key(model, config).path()).read_text())
+    if not available():
+        assert manifest["block_linears"] == 0
+        return
+    n = 7 * model.config.num_hidden_layers
+    assert manifest["block_linears"] == n
+    assert manifest["passes"][0].startswith(f"block_linear: swapped={n} {{'q4_1': {n}}}") and "skipped=1" in manifest["passes"][0]
 
 
 def test_a_fresh_process_loads_the_package_instead_of_compiling(compiled_llama):
@@ -138,10 +162,10 @@ def test_a_fresh_process_loads_the_package_instead_of_compiling(compiled_llama):
         import sys, torch
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from torch._dynamo.utils import counters
-        from models_tiny import tiny_model, hf_greedy, left_padded
+        from models_tiny import q4_1_weights, tiny_model, hf_greedy, left_padded
         import propd_compile
         torch.set_num_threads({torch.get_num_threads()})
-        model = tiny_model("llama", seed=1)
+        model = q4_1_weights(tiny_model("llama", seed=1))
         propd_compile.accelerate(model, propd_compile.ProPDConfig(max_tree_nodes=12))  # compile="auto"
         ids, mask = left_padded([[7, 8, 9, 7, 8, 9], [10, 11]])
         out = model.generate(ids, attention_mask=mask, max_new_tokens=20)
@@ -156,7 +180,7 @@ def test_a_fresh_process_loads_the_package_instead_of_compiling(compiled_llama):
 
 def test_changed_weights_never_use_stale_constants(compiled_llama):
     _, config = compiled_llama
-    model = tiny_model("llama", seed=1)  # the same weights: the package is found
+    model = q4_1_weights(tiny_model("llama", seed=1))  # the same weights: the package is found
     accelerate(model, config.with_(compile="auto"))
     try:
         assert model.propd.compiled(hidden=True)

@@ -17,7 +17,7 @@ from transformers import (
     TopPLogitsWarper,
 )
 
-from models_tiny import EOS, PAD, hf_greedy, left_padded, tiny_model
+from models_tiny import EOS, PAD, hf_greedy, left_padded, q4_1_weights, tiny_model
 from propd_compile import ProPDConfig, accelerate
 from propd_compile.decoding import tree_generate
 from propd_compile.drafters import Drafter
@@ -263,7 +263,7 @@ def test_sampling_from_a_point_mass_is_greedy(compile):
     """top_k=1 leaves one token of probability 1: sampling must then reproduce greedy exactly,
     whatever the drafts, on the eager and the compiled forward (the session's compiled tiny
     Llama: its package is built once)."""
-    model = tiny_model("llama", seed=1)
+    model = q4_1_weights(tiny_model("llama", seed=1))
     ids, mask = left_padded([[7, 8, 9, 7, 8, 9, 7], [10, 11, 12], [13]])
     ref = hf_greedy(model, ids, mask, 20)
     accelerate(model, ProPDConfig(compile=compile, max_tree_nodes=8))
