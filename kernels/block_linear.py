@@ -161,6 +161,32 @@ def rebuild(bw: BlockWeight) -> torch.Tensor:
     return untile(q) * per_weight(bw.d) + per_weight(bw.m)
 
 
+def isa() -> str:
+    """The instruction set the kernel runs on: "avx512" where the CPU has AVX-512 F/BW/VL
+    (twice the fp32 multiply-adds per instruction and registers for 16 rows per pass), else
+    "avx2"; PROPD_BLOCK_ISA=avx2 in the environment keeps AVX2 (`available()` must be True)."""
+    return torch.ops.propd.block_linear_isa()
+
+
+def isas() -> tuple[str, ...]:
+    """Every instruction set this CPU can run the kernel on."""
+    with contextlib.suppress(RuntimeError), use_isa("avx512"):
+        return ("avx2", "avx512")
+    return ("avx2",)
+
+
+@contextlib.contextmanager
+def use_isa(name: str) -> Iterator[None]:
+    """Run the kernel on `name` within the block (both give the fp32 product, in different
+    summation orders); RuntimeError naming the reason where this CPU cannot."""
+    before = isa()
+    torch.ops.propd.block_linear_isa(name)
+    try:
+        yield
+    finally:
+        torch.ops.propd.block_linear_isa(before)
+
+
 def block_linear(x: torch.Tensor, bw: BlockWeight) -> torch.Tensor:
     """x @ W^T through the kernel (`available()` must be True)."""
     return torch.ops.propd.block_linear(x, bw.q, bw.d, bw.m)

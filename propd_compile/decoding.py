@@ -281,6 +281,7 @@ def tree_generate(
         W = cache.write_start
         if planner is not None and stats.steps == 0:
             planner.warm_up(model, forward, B, W)
+            planner.start_call()
         t_step = time.perf_counter()
         proposing = planning = 0.0
         trees = [None] * B

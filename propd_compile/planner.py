@@ -119,7 +119,9 @@ class TreePlanner:
         # the costly drafters (True) and without them (False)
         self.drafting = {True: LatencyModel(refit_every=4), False: LatencyModel(refit_every=4)}
         self.schedules: dict[int, Schedule] = {}  # by batch bucket of the active rows
-        self.plain_seconds: dict[int, float] = {}  # running measured time of a plain step, by active rows
+        # running measured time of a plain step, by active rows, this `generate` call (`start_call`)
+        self.plain_seconds: dict[int, float] = {}
+        self._plain_due: set[int] = set()  # active row counts whose next step is a plain one, to measure it
         self._forward = 0.0  # the last observed forward's seconds
         self._to_judge: tuple[int, dict] | None = None  # (accepted tokens, plan) of the last step, expected to pay
         self.calibrated = latency.ready  # from `propd calibrate`: no probing needed
@@ -142,6 +144,12 @@ class TreePlanner:
             self.latency.observe(features(batch, n, n, kv), measure_step(model, forward, batch, n, max(kv, 1)))
         self.latency.fit()
         self.seen_batches.add(batch)
+
+    def start_call(self) -> None:
+        """A new `generate` call: plain steps are measured again (their time depends on this
+        call's rows and KV lengths)."""
+        self.plain_seconds.clear()
+        self._plain_due.clear()
 
     def step_seconds(self, batch: int, tree: int, kv: int, tokens: int) -> tuple[float, float]:
         """(forward, whole step) seconds predicted for `tokens` real nodes in rows padded to `tree`."""
@@ -219,12 +227,18 @@ class TreePlanner:
         """After a speculative step expected to pay, that took `seconds` in all (measured:
         forward, speculation and what happened around them): keep its tier on while the running
         ratio of what such steps realized (tokens per second) to a plain step's rate is at
-        least 1. The plain rate is measured too, on the latest plain steps of as many rows (the
-        prediction where there were none): expectations can be over-confident (priors from other
-        text, no learning while steps are plain), and the latency model is about 10% off either
-        way, which at batch 16 made losing trees look like a gain; measured rates are neither."""
+        least 1. The plain rate is measured, on the latest plain steps of as many rows in this
+        call: where there were none, the prediction stands in once and the next step of as many
+        rows is a plain one that measures it. Expectations can be over-confident (priors from
+        other text, no learning while steps are plain), and the latency model is 10-20% off
+        either way (most so where rows finished and few plain steps taught it), which made
+        losing trees look like a gain; measured rates are neither."""
         costly, active = choice["costly"], choice["active"]
-        plain = active / self.plain_seconds[active] if active in self.plain_seconds else choice["plain_rate"]
+        if active in self.plain_seconds:
+            plain = active / self.plain_seconds[active]
+        else:
+            plain = choice["plain_rate"]
+            self._plain_due.add(active)
         ratio = accepted / seconds / plain
         schedule = self.schedule(active)
         last = schedule.realized[costly]
@@ -234,6 +248,9 @@ class TreePlanner:
     def next_step(self, rows: int) -> tuple[bool, bool]:
         """(speculate, with the costly drafters) for the next step, of `rows` active rows, asked
         once per step before the drafters would prepare it; not speculating is a plain step."""
+        if rows in self._plain_due:  # a plain step to measure, outside the schedule
+            self._plain_due.discard(rows)
+            return False, False
         schedule = self.schedule(rows)
         costly = schedule.costly.due()
         return schedule.speculation.due(), costly

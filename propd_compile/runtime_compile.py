@@ -354,10 +354,11 @@ def package_forward(
 # (examples/prefill_kernels.py): 32 tokens 122 vs 162 ms, 64 206 vs 201, 96 267 vs 257, 128 393
 # vs 294, 512 1699 vs 1149; 8 MT-Bench prompts packed (628 real tokens) 2.2 vs 1.6 s.
 EAGER_PREFILL_TOKENS = 80
-# A package whose linears read block-format weights was faster at every length measured: 32
-# tokens 88 vs 219 ms, 128 262 vs 470, 512 1168 vs 1249; 8 MT-Bench prompts packed (628 real
-# tokens) 1.52 vs 1.72 s, padded (1680) 3.50 vs 3.59 s. Longer prompts than measured run eager.
-BLOCK_EAGER_PREFILL_TOKENS = 2048
+# A package whose linears read block-format weights is faster than eager up to a few hundred
+# tokens; where eager's MKL has AVX-512 GEMMs it wins beyond that. Package vs eager, one prompt:
+# an AVX2 CPU (AMD EPYC): 32 tokens 88 vs 219 ms, 128 262 vs 470, 512 1168 vs 1249; an AVX-512
+# CPU (Intel Xeon): 32 34 vs 74, 128 134 vs 146, 256 272 vs 247, 512 580 vs 455.
+BLOCK_EAGER_PREFILL_TOKENS = 256
 
 
 def prefill_forward(model: torch.nn.Module, compiled: Forward, hidden: bool, taps: tuple[int, ...] = ()) -> Forward:

@@ -61,17 +61,20 @@ def test_shapes_and_dtypes_the_kernel_does_not_take_are_refused_with_the_reason(
     assert "fp32" in bl.block_weight(torch.zeros(32, 64, dtype=torch.float64))[1]
 
 
-@settings(max_examples=60, deadline=None)
+@settings(max_examples=80, deadline=None)
 @given(fmt=st.sampled_from(bl.FORMATS), shape=shapes, rows=st.integers(0, 40), lead=st.sampled_from([(), (2,), (1, 3)]),
-       seed=st.integers(0, 2**16), transposed=st.booleans())
-def test_the_kernel_is_the_fp32_product_with_the_rebuilt_weights(fmt, shape, rows, lead, seed, transposed):
-    """Every row count (1-4 multiply straight from registers, more run over a rebuilt panel in
-    passes), leading batch dims and non-contiguous inputs: x @ W^T up to summation order."""
+       seed=st.integers(0, 2**16), transposed=st.booleans(), isa=st.sampled_from(bl.isas() if bl.available() else ("avx2",)))
+def test_the_kernel_is_the_fp32_product_with_the_rebuilt_weights(fmt, shape, rows, lead, seed, transposed, isa):
+    """Every instruction set this CPU has, every row count (AVX2: 1-4 multiply straight from
+    registers, more run over a rebuilt panel in passes; AVX-512: passes of up to 16 rows), leading
+    batch dims and non-contiguous inputs: x @ W^T up to summation order."""
     w = _exact(fmt, *shape, seed, 0.05)
     bw, _ = bl.block_weight(w)
     g = torch.Generator().manual_seed(seed + 1)
     x = torch.randn(*lead, shape[1], rows, generator=g).transpose(-1, -2) if transposed else torch.randn(*lead, rows, shape[1], generator=g)
-    got, ref = bl.block_linear(x, bw), x.double() @ w.double().T
+    with bl.use_isa(isa):
+        got = bl.block_linear(x, bw)
+    ref = x.double() @ w.double().T
     assert got.shape == ref.shape and got.dtype == torch.float32
     bound = 1e-5 * (x.abs().double() @ w.abs().double().T) + 1e-30  # fp32 rounding in any summation order
     assert bool(((got.double() - ref).abs() <= bound).all())
@@ -83,6 +86,17 @@ def test_bad_inputs_to_the_op_name_the_problem():
         bl.block_linear(torch.zeros(2, 64, dtype=torch.float64), bw)
     with pytest.raises(RuntimeError, match="features"):
         bl.block_linear(torch.zeros(2, 96), bw)
+
+
+def test_an_instruction_set_the_cpu_lacks_is_refused_and_nothing_changes():
+    before = bl.isa()
+    assert before in bl.isas() and "avx2" in bl.isas()
+    with pytest.raises(RuntimeError, match="unknown instruction set"):
+        torch.ops.propd.block_linear_isa("sse2")
+    if "avx512" not in bl.isas():
+        with pytest.raises(RuntimeError, match="no AVX-512"):
+            bl.use_isa("avx512").__enter__()
+    assert bl.isa() == before
 
 
 def test_the_swap_packs_each_weight_once_skips_what_it_cannot_prove_and_is_undone():

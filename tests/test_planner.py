@@ -145,6 +145,13 @@ def _planned_step(planner, tree, accepted: int = 1, costly: bool = True) -> None
     planner.observe_overhead(n, 0.0, rows=1, speculation=planner.speculation_seconds(1, costly), costly=costly)
 
 
+def _plain_steps(planner, seconds: float = 0.051, rows: int = 1) -> None:
+    """Plain steps of `rows` rows, measured (what a call's plain steps give the judge)."""
+    for _ in range(4):
+        planner.observe([TokenTree.root_only(1)] * rows, [[0]] * rows, seconds, rows, 1, 10)
+        planner.observe_overhead(rows, 0.0, rows=rows)
+
+
 POOR = TokenTree((1, 2, 3), (-1, 0, 1), (1.0, 0.3, 0.2))
 GOOD = TokenTree((1, 2, 3), (-1, 0, 1), (1.0, 0.99, 0.98))
 
@@ -156,6 +163,7 @@ def test_speculation_that_does_not_pay_is_skipped_and_probed_again():
     from propd_compile.planner import MAX_SKIP
 
     planner = TreePlanner(AcceptanceModel(), fixed_latency(0.05, 0.0, 0.001), max_nodes=3, ragged=True)
+    _plain_steps(planner)
     for _ in range(8):  # speculating (cheap drafters only: no costly tier) costs 80% of a plain step
         planner.observe_overhead(1, 0.0, rows=1, speculation=0.04, costly=False)
     assert planner.speculation_seconds(1, costly=False) == pytest.approx(0.04)
@@ -204,9 +212,29 @@ def test_trees_are_judged_against_measured_plain_steps():
             skipped += 1
         return skipped
 
-    assert realized_skip(None) == 0  # against the predicted plain step (20 tokens/s) it pays
+    # against the predicted plain step (20 tokens/s) it pays, and the next step is a plain one
+    # that measures the rate, outside the schedule
+    assert realized_skip(None) == 1
     assert realized_skip(0.06) == 0  # measured plain steps at 17 tokens/s: it pays
     assert realized_skip(0.03) > 0  # measured plain steps at 33 tokens/s: it loses
+
+
+def test_a_row_count_without_measured_plain_steps_gets_one_each_call():
+    """Rows that finish change the active row count; a tree judged at a count whose plain steps
+    this call has not measured makes the next step of that count plain (once), so the judge
+    compares with a measured rate; a new call measures again."""
+    planner = TreePlanner(AcceptanceModel(), fixed_latency(0.05, 0.0, 0.001), max_nodes=3, ragged=True)
+    _plain_steps(planner, rows=2)
+    _planned_step(planner, GOOD, accepted=3, costly=False)  # one active row: none measured
+    assert planner.next_step(1) == (False, False)
+    assert planner.next_step(1)[0]  # one plain step, not more (the tree paid: speculation goes on)
+    _plain_steps(planner)
+    _planned_step(planner, GOOD, accepted=3, costly=False)
+    assert planner.next_step(1)[0]
+    planner.start_call()
+    assert not planner.plain_seconds
+    _planned_step(planner, GOOD, accepted=3, costly=False)
+    assert planner.next_step(1) == (False, False)
 
 
 def test_costly_drafters_back_off_before_speculation_does():
@@ -214,6 +242,7 @@ def test_costly_drafters_back_off_before_speculation_does():
     without them), tried again after 1, 2, 4, ... steps; cheap steps that do not pay either make
     the steps plain; a costly step that pays brings both back at once."""
     planner = TreePlanner(AcceptanceModel(), fixed_latency(0.05, 0.0, 0.001), max_nodes=3, ragged=True)
+    _plain_steps(planner)
     for _ in range(8):
         planner.observe_overhead(1, 0.0, rows=1, speculation=0.04, costly=True)  # the heads: 80% of a step
         planner.observe_overhead(1, 0.0, rows=1, speculation=0.001, costly=False)  # n-gram: 2%
