@@ -206,7 +206,8 @@ def tree_generate(
     drafting while it does not pay). `prefill` runs the prompt (default: the eager forward; a
     compiled one where it takes prompts). With `ragged` (the model's attention reads packings:
     `propd_compile.ragged`), the prefill computes no padding, and steps verify only each row's
-    own tree and nothing for finished rows, instead of every row padding to the largest tree.
+    own tree, instead of every row padding to the largest tree. A row that finishes leaves the
+    cache (`TreeKVCache.retire`), so the steps after it cost what a smaller batch costs.
     With `process` (logits processors) `accept` sees every node's logits processed on that
     node's history.
     """
@@ -265,10 +266,11 @@ def tree_generate(
         appended = emit(b, [first[b]])
         drafter.advance(b, appended)
     t_draft = time.perf_counter()
+    live = list(range(B))  # the batch row in each cache row (`TreeKVCache.retire` drops finished rows)
     if needs_hidden:
-        _give_hidden(drafter, done, hidden[:, -1], [-1] * B)
+        _give_hidden(drafter, live, done, hidden[:, -1], [-1] * B)
     if taps:
-        _give_features(drafter, done, features, [valid_prompt[b].nonzero().flatten().tolist() for b in range(B)])
+        _give_features(drafter, live, done, features, [valid_prompt[b].nonzero().flatten().tolist() for b in range(B)])
     prepared = time.perf_counter() - t_draft  # seconds the drafters spent preparing the next step
     if stream is not None:
         stream.update(generated, done)
@@ -276,30 +278,34 @@ def tree_generate(
     # whether this step drafts and plans, and with the drafters that read hidden states (a planner
     # leaves them out, then runs plain steps, while speculating does not pay)
     speculating, costly = True, needs_hidden
+    # Rows that finish leave the cache, so later steps neither compute nor attend over them; with
+    # logits processors (per-row state in batch order) they ride along as root-only trees instead.
+    retire = process is None
     while not all(done):
-        active = [b for b in range(B) if not done[b]]
+        L = len(live)
+        active = [i for i, b in enumerate(live) if not done[b]]  # cache rows of unfinished rows
         W = cache.write_start
         if planner is not None and stats.steps == 0:
-            planner.warm_up(model, forward, B, W)
+            planner.warm_up(model, forward, L, W)
             planner.start_call()
         t_step = time.perf_counter()
         proposing = planning = 0.0
-        trees = [None] * B
+        trees = [None] * L
         if speculating:
-            trees = [drafter.propose(b, max_tree_nodes) if not done[b] else None for b in range(B)]
+            trees = [drafter.propose(b, max_tree_nodes) if not done[b] else None for b in live]
             proposing = time.perf_counter() - t_step
             if planner is not None:
                 t_plan = time.perf_counter()
                 trees = planner.plan(trees, W, costly=costly)
                 planning = time.perf_counter() - t_plan
-        trees = [t if t is not None else TokenTree.root_only(generated[b][-1]) for b, t in enumerate(trees)]
+        trees = [t if t is not None else TokenTree.root_only(generated[b][-1]) for t, b in zip(trees, live)]
         batch = TreeBatch.stack(trees, pad_token=pad_token_id)
         T = batch.num_nodes
-        mask = torch.cat([cache.valid[:, None, :W].expand(B, T, W), batch.ancestors], dim=2)[:, None].to(device)
-        positions = (torch.tensor(n_real_l)[:, None] + batch.depths).to(device)
+        mask = torch.cat([cache.valid[:, None, :W].expand(L, T, W), batch.ancestors], dim=2)[:, None].to(device)
+        positions = (torch.tensor([n_real_l[b] for b in live])[:, None] + batch.depths).to(device)
         # ragged: the forward runs only the real nodes of unfinished rows
-        nodes = batch.valid & torch.tensor([not d for d in done])[:, None] if ragged else None
-        tokens = int(nodes.sum()) if ragged else B * T
+        nodes = batch.valid & torch.tensor([not done[b] for b in live])[:, None] if ragged else None
+        tokens = int(nodes.sum()) if ragged else L * T
         cache.begin_step(mask, nodes)
         with StepTimer(device) as timer:
             out = forward(batch.tokens.to(device), mask, positions, cache)
@@ -310,29 +316,29 @@ def tree_generate(
         kept = cache.keep[:, :T].cpu()
         batch = dataclasses.replace(batch, valid=batch.valid & kept)
         deep_rows = int(kept.sum(1).max())  # rows per batch row that ran the deep layers
-        stats.pruned_nodes += sum(max(len(trees[b]) - deep_rows, 0) for b in active)
+        stats.pruned_nodes += sum(max(len(trees[i]) - deep_rows, 0) for i in active)
         paths, bonus = accept(batch, logits)
         if planner is not None:
             n_errors, n_outcomes = len(planner.latency_errors), len(planner.outcomes)
             planner.observe(
-                [trees[b] for b in active], [paths[b] for b in active], timer.seconds, B, T, W, kept=deep_rows,
+                [trees[i] for i in active], [paths[i] for i in active], timer.seconds, L, T, W, kept=deep_rows,
                 tokens=tokens,
             )
             stats.latency_errors += planner.latency_errors[n_errors:]
             stats.outcomes += planner.outcomes[n_outcomes:]
         stats.steps += 1
         kept_nodes = {}
-        for b in active:
-            path = paths[b]
-            proposal = batch.tokens[b, path[1:]].tolist() + [bonus[b]]
+        for i in active:
+            b, path = live[i], paths[i]
+            proposal = batch.tokens[i, path[1:]].tolist() + [bonus[i]]
             appended = emit(b, proposal)
             drafter.advance(b, appended)
             stats.row_steps += 1
-            stats.tree_sizes.append(len(trees[b]))
+            stats.tree_sizes.append(len(trees[i]))
             stats.accepted.append(len(appended))
             stats.rows.append(b)
             if not done[b]:
-                kept_nodes[b] = path
+                kept_nodes[i] = path
                 n_real_l[b] += len(path)
         cache.compact(W, kept_nodes)
         speculated, costly_before = speculating, costly
@@ -340,9 +346,9 @@ def tree_generate(
         costly = costly and needs_hidden
         t_draft = time.perf_counter()
         if costly and speculating:
-            _give_hidden(drafter, done, hidden, [paths[b][-1] for b in range(B)])
+            _give_hidden(drafter, live, done, hidden, [path[-1] for path in paths])
         if taps:  # the feature drafter extends its own state from every verified step
-            _give_features(drafter, done, features, paths)
+            _give_features(drafter, live, done, features, paths)
         preparing = time.perf_counter() - t_draft
         stats.draft_seconds += proposing + preparing
         stats.plan_seconds += planning
@@ -354,6 +360,9 @@ def tree_generate(
             around = time.perf_counter() - t_step - timer.seconds - proposing - planning - preparing
             planner.observe_overhead(tokens, around, len(active), speculation, costly=costly_before)
         prepared = preparing
+        finished = [i for i, b in enumerate(live) if done[b]]
+        if retire and finished and len(finished) < L:
+            live = [live[i] for i in cache.retire(finished)]
     if stream is not None:
         stream.end(generated)
 
@@ -378,23 +387,27 @@ def _outputs(out, hidden: bool, taps: tuple[int, ...]):
     return out[0], out[1], (out[2] if taps else None)
 
 
-def _give_hidden(drafter: Drafter, done: list[bool], hidden: torch.Tensor, nodes: list[int]) -> None:
-    """Hand each unfinished row's hidden state at `nodes[b]` (its last accepted node) to the drafter."""
-    rows = [b for b in range(len(done)) if not done[b]]
-    if rows:
-        idx = torch.tensor(rows, device=hidden.device)
+def _give_hidden(drafter: Drafter, live: list[int], done: list[bool], hidden: torch.Tensor, nodes: list[int]) -> None:
+    """Hand each unfinished row its hidden state at `nodes[i]` (its last accepted node); cache
+    row i of the step (`hidden[i]`) is batch row `live[i]`."""
+    at = [i for i, b in enumerate(live) if not done[b]]
+    if at:
+        idx = torch.tensor(at, device=hidden.device)
         if hidden.dim() == 3:
-            hidden = hidden[idx, torch.tensor([nodes[b] for b in rows], device=hidden.device)]
+            hidden = hidden[idx, torch.tensor([nodes[i] for i in at], device=hidden.device)]
         else:
             hidden = hidden[idx]
-        drafter.set_hidden(rows, hidden)
+        drafter.set_hidden([live[i] for i in at], hidden)
 
 
-def _give_features(drafter: Drafter, done: list[bool], features: torch.Tensor, nodes: list[list[int]]) -> None:
-    """Hand each unfinished row its tapped features at `nodes[b]` (positions it just verified)."""
-    rows = [b for b in range(len(done)) if not done[b]]
-    if rows:
-        drafter.set_features(rows, [features[b, torch.tensor(nodes[b], device=features.device)] for b in rows])
+def _give_features(drafter: Drafter, live: list[int], done: list[bool], features: torch.Tensor, nodes: list[list[int]]) -> None:
+    """Hand each unfinished row its tapped features at `nodes[i]` (positions it just verified);
+    cache row i of the step is batch row `live[i]`."""
+    at = [i for i, b in enumerate(live) if not done[b]]
+    if at:
+        drafter.set_features(
+            [live[i] for i in at], [features[i, torch.tensor(nodes[i], device=features.device)] for i in at]
+        )
 
 
 def _check_finite(logits: torch.Tensor) -> None:

@@ -65,6 +65,29 @@ def test_compaction_keeps_exactly_the_accepted_entries(data):
             assert c.lengths[b] - slots.numel() == c.gaps[b] <= gaps
 
 
+@settings(deadline=None, max_examples=100)
+@given(st.data())
+def test_retired_rows_leave_and_the_others_keep_their_entries(data):
+    """After `retire`, the cache holds exactly the rows that were not retired, each with its own
+    entries, validity, prune flags, length and gaps, as one contiguous batch."""
+    B = data.draw(st.integers(1, 6))
+    c = _cache(B=B, S=20, gaps=4)
+    c.valid.copy_(torch.rand(c.valid.shape) < 0.5)
+    c.keep.copy_(torch.rand(c.keep.shape) < 0.5)
+    c.lengths = [data.draw(st.integers(0, 20)) for _ in range(B)]
+    c.gaps = [data.draw(st.integers(0, 4)) for _ in range(B)]
+    before = [(k.clone(), v.clone()) for k, v in zip(c.keys, c.values)], c.valid.clone(), c.keep.clone(), list(c.lengths), list(c.gaps)
+    gone = data.draw(st.sets(st.integers(0, B - 1), max_size=B - 1))
+    order = c.retire(sorted(gone))
+    assert sorted(order) == [b for b in range(B) if b not in gone]
+    (kv, valid, keep, lengths, gaps), left = before, B - len(gone)
+    for (k, v), (k0, v0) in zip(zip(c.keys, c.values), kv):
+        assert k.shape[0] == v.shape[0] == left and k.is_contiguous() and v.is_contiguous()
+        assert torch.equal(k, k0[order]) and torch.equal(v, v0[order])
+    assert torch.equal(c.valid, valid[order]) and torch.equal(c.keep, keep[order])
+    assert c.lengths == [lengths[b] for b in order] and c.gaps == [gaps[b] for b in order]
+
+
 def test_plain_steps_after_uneven_acceptance_copy_nothing():
     """Rows at different lengths each keep a plain step's token where it was written: no copy,
     and the rows line up at the same next write start."""

@@ -125,3 +125,57 @@ def test_eos_stops_rows_independently():
         drafter = AdversarialDrafter(_reference_rows(ref, ids.shape[1]), "right", 0)
         out, _ = tree_generate(model, ids, mask, max_new_tokens=30, eos_token_ids=[eos], pad_token_id=PAD, drafter=drafter, max_tree_nodes=8)
         assert torch.equal(out, ref)
+
+
+class RecordingDrafter(NGramDrafter):
+    """n-gram drafts; records the hidden states and tapped features the loop hands each row."""
+
+    needs_hidden = True
+    feature_layers = (1,)
+
+    def start(self, sequences):
+        super().start(sequences)
+        self.emitted = [0] * len(sequences)
+        self.hidden = [[] for _ in sequences]  # (tokens emitted then, hidden state)
+        self.features = [[] for _ in sequences]
+
+    def advance(self, row, tokens):
+        super().advance(row, tokens)
+        self.emitted[row] += len(tokens)
+
+    def set_hidden(self, rows, hidden):
+        for b, h in zip(rows, hidden):
+            self.hidden[b].append((self.emitted[b], h.clone()))
+
+    def set_features(self, rows, features):
+        for b, f in zip(rows, features):
+            self.features[b].append(f.clone())
+
+
+@settings(deadline=None, max_examples=15, suppress_health_check=[HealthCheck.too_slow])
+@given(rows=prompts().filter(lambda r: len(r) > 1), new=st.integers(2, 20), stop_at=st.integers(0, 8), budget=st.integers(1, 8))
+def test_each_row_gets_its_own_hidden_states_and_features_while_rows_finish(rows, new, stop_at, budget):
+    """Rows that finish leave the cache and the others move into their places; every hand-off
+    still gives row b the final hidden state at the token before its last emitted one and the
+    tapped features of the positions it verified, in order: what the model computes on row b's
+    own history."""
+    model = tiny_model("llama", seed=3)
+    ids, mask = left_padded(rows)
+    free = hf_greedy(model, ids, mask, new)[0, ids.shape[1] :].tolist()
+    eos = free[min(stop_at, len(free) - 1)]  # the first row stops there, the others go on
+    drafter = RecordingDrafter()
+    out, _ = tree_generate(model, ids, mask, max_new_tokens=new, eos_token_ids=[eos], pad_token_id=PAD, drafter=drafter, max_tree_nodes=budget)
+    assert torch.equal(out, hf_greedy(model, ids, mask, new, eos_token_id=eos, pad_token_id=PAD))
+    for b, prompt in enumerate(rows):
+        answer = out[b, ids.shape[1] :].tolist()
+        answer = answer[: answer.index(eos) + 1] if eos in answer else answer
+        history = prompt + answer
+        with torch.no_grad():
+            ref = model.model(torch.tensor([history]), output_hidden_states=True)
+        for emitted, h in drafter.hidden[b]:
+            torch.testing.assert_close(h, ref.last_hidden_state[0, len(prompt) + emitted - 2], atol=1e-4, rtol=1e-4)
+        if len(answer) == 1:  # finished at its first token: nothing more to draft
+            continue
+        got = torch.cat(drafter.features[b])
+        assert len(prompt) <= got.shape[0] < len(history)
+        torch.testing.assert_close(got, ref.hidden_states[1][0, : got.shape[0]], atol=1e-4, rtol=1e-4)
