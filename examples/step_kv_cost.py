@@ -6,9 +6,8 @@ flash-attention lowering of `enable_gqa`) repeats K/V 3 times per layer and step
 `ragged.grouped_sdpa` folds the query groups into the query length and reads the cache as it is.
 This times one-token steps at a KV length (default 600, a turn-2 MT-Bench prompt plus its
 answer) for batch sizes and for a batch of 32 with only some rows still decoding (ragged steps:
-the others finished but stay in the cache, as they do when logits processors keep per-row state;
-otherwise they leave it, `TreeKVCache.retire`, and the step costs the "k / k" row). Needs the
-package (`propd warmup`).
+what a step cost while finished rows stayed in the cache; now they leave it,
+`TreeKVCache.retire`, and the step costs the "k / k" row). Needs the package (`propd warmup`).
 
     python examples/step_kv_cost.py --threads 2
 """

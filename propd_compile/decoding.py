@@ -238,8 +238,9 @@ def tree_generate(
     rows = [input_ids[b][valid_prompt[b]].tolist() for b in range(B)]
     drafter.start(rows)
     generated: list[list[int]] = [[] for _ in range(B)]
+    live = list(range(B))  # the batch row in each cache row (`TreeKVCache.retire` drops finished rows)
     if process is not None:
-        accept = process.wrap(accept, generated)
+        accept = process.wrap(accept, generated, live)
     done = [False] * B
     n_real_l = n_real.tolist()
 
@@ -266,7 +267,6 @@ def tree_generate(
         appended = emit(b, [first[b]])
         drafter.advance(b, appended)
     t_draft = time.perf_counter()
-    live = list(range(B))  # the batch row in each cache row (`TreeKVCache.retire` drops finished rows)
     if needs_hidden:
         _give_hidden(drafter, live, done, hidden[:, -1], [-1] * B)
     if taps:
@@ -278,9 +278,6 @@ def tree_generate(
     # whether this step drafts and plans, and with the drafters that read hidden states (a planner
     # leaves them out, then runs plain steps, while speculating does not pay)
     speculating, costly = True, needs_hidden
-    # Rows that finish leave the cache, so later steps neither compute nor attend over them; with
-    # logits processors (per-row state in batch order) they ride along as root-only trees instead.
-    retire = process is None
     while not all(done):
         L = len(live)
         active = [i for i, b in enumerate(live) if not done[b]]  # cache rows of unfinished rows
@@ -360,9 +357,10 @@ def tree_generate(
             around = time.perf_counter() - t_step - timer.seconds - proposing - planning - preparing
             planner.observe_overhead(tokens, around, len(active), speculation, costly=costly_before)
         prepared = preparing
+        # rows that finished leave the cache: later steps neither compute nor attend over them
         finished = [i for i, b in enumerate(live) if done[b]]
-        if retire and finished and len(finished) < L:
-            live = [live[i] for i in cache.retire(finished)]
+        if finished and len(finished) < L:
+            live[:] = [live[i] for i in cache.retire(finished)]
     if stream is not None:
         stream.end(generated)
 

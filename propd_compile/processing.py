@@ -9,8 +9,8 @@ greedy rule (argmax) stays token-identical and the sampling rule draws from HF's
 
 Each processor gets the cheapest exact strategy its class allows (by exact type: a subclass may
 override `__call__`):
-- history-free (temperature, top-k/p, suppress_tokens, encoder_repetition_penalty, ...): one call
-  on all nodes at once;
+- history-free (temperature, top-k/p, suppress_tokens, ...): one call on all nodes at once
+  (encoder_repetition_penalty too, given the prompts of the rows in the batch);
 - length-only (min_length, min_new_tokens, forced_eos, begin_suppress_tokens, ...): one call per
   distinct history length (a node's length is its row's plus its depth), no token history built;
 - suffix-only (sequence_bias, bad_words_ids): one call on the last tokens of every node's history;
@@ -25,6 +25,7 @@ override `__call__`):
 """
 from __future__ import annotations
 
+import copy
 from typing import Callable, Sequence
 
 import torch
@@ -57,8 +58,7 @@ from transformers.generation.logits_process import (
 from propd_compile.decoding import AcceptRule
 from propd_compile.tree import TreeBatch
 
-# Output depends on the scores alone (and, for the encoder penalty, on the batch row, which the
-# node-major flattening keeps: HF repeats its prompt rows to the number of scored rows).
+# Output depends on the scores alone.
 HISTORY_FREE = (
     TemperatureLogitsWarper,
     TopHLogitsWarper,
@@ -71,7 +71,6 @@ HISTORY_FREE = (
     InfNanRemoveLogitsProcessor,
     LogitNormalization,
     SuppressTokensLogitsProcessor,
-    EncoderRepetitionPenaltyLogitsProcessor,
 )
 # Output depends on the scores and input_ids.shape[-1] only.
 LENGTH_ONLY = (
@@ -90,10 +89,14 @@ class NodeHistories:
     """The exact history of every node of a TreeBatch, node-major (node n = row * T + index).
 
     A row's history is its prompt as HF sees it (padding included) and the tokens emitted so
-    far; a node's history appends the tokens on its root path after the root."""
+    far; a node's history appends the tokens on its root path after the root. Row i of the batch
+    is the call's batch row `rows[i]` (rows that finished may have left the batch)."""
 
-    def __init__(self, prompt: Sequence[list[int]], generated: Sequence[list[int]], batch: TreeBatch) -> None:
-        self.prompt, self.generated = prompt, generated
+    def __init__(
+        self, prompt: Sequence[list[int]], generated: Sequence[list[int]], batch: TreeBatch, rows: Sequence[int]
+    ) -> None:
+        self.rows = list(rows)
+        self.prompt, self.generated = [prompt[b] for b in rows], [generated[b] for b in rows]
         B, self.T = batch.tokens.shape
         tokens, parents = batch.tokens.tolist(), batch.parents.tolist()
         self.paths: list[list[list[int]]] = []  # [row][node]: the tokens after the root on its root path
@@ -102,7 +105,7 @@ class NodeHistories:
             for i, p in enumerate(parents[b]):
                 paths.append(paths[p] + [tokens[b][i]] if p >= 0 else [])
             self.paths.append(paths)
-        self.row_lengths = [len(p) + len(g) for p, g in zip(prompt, generated)]
+        self.row_lengths = [len(p) + len(g) for p, g in zip(self.prompt, self.generated)]
         self.lengths = (torch.tensor(self.row_lengths)[:, None] + batch.depths).flatten()
         self.valid = batch.valid.flatten()
         self.valid_list = self.valid.tolist()
@@ -160,6 +163,17 @@ def _history_free(processor) -> NodeStep:
     return step
 
 
+def _encoder_repetition(processor: EncoderRepetitionPenaltyLogitsProcessor) -> NodeStep:
+    """The encoder penalty reads its batch row's prompt: HF repeats the prompt rows to the number
+    of scored rows, so it is called with the prompts of the rows in the batch."""
+    def step(h: NodeHistories, scores: torch.Tensor) -> torch.Tensor:
+        rows = copy.copy(processor)
+        rows.encoder_input_ids = processor.encoder_input_ids[torch.tensor(h.rows, device=processor.encoder_input_ids.device)]
+        return rows(torch.zeros((scores.shape[0], 0), dtype=torch.long, device=scores.device), scores)
+
+    return step
+
+
 def _length_only(processor) -> NodeStep:
     def step(h: NodeHistories, scores: torch.Tensor) -> torch.Tensor:
         return _by_length(processor, h, scores, torch.arange(scores.shape[0]), full=False)
@@ -206,18 +220,19 @@ class _RepetitionPenalty:
         N, V = scores.shape
         node_rows, node_tokens = [], []
         for b, L in enumerate(h.row_lengths):
-            start = max(self.consumed[b], self.ignore[b])
+            r = h.rows[b]  # this row's state
+            start = max(self.consumed[r], self.ignore[r])
             if start < L:
-                self.seen[b].update(t for t in h.row_tokens(b, start) if t < V)
-            self.consumed[b] = max(self.consumed[b], L)
-            seen = torch.tensor(sorted(self.seen[b]), dtype=torch.long)
+                self.seen[r].update(t for t in h.row_tokens(b, start) if t < V)
+            self.consumed[r] = max(self.consumed[r], L)
+            seen = torch.tensor(sorted(self.seen[r]), dtype=torch.long)
             nodes = torch.arange(b * h.T, (b + 1) * h.T)
             node_rows.append(nodes.repeat_interleave(len(seen)))
             node_tokens.append(seen.repeat(h.T))
             path_rows, path_tokens = [], []
             for i, path in enumerate(h.paths[b]):
                 for k, t in enumerate(path):  # path token k sits at history position L + k
-                    if t < V and L + k >= self.ignore[b]:
+                    if t < V and L + k >= self.ignore[r]:
                         path_rows.append(b * h.T + i)
                         path_tokens.append(t)
             node_rows.append(torch.tensor(path_rows, dtype=torch.long))
@@ -243,14 +258,15 @@ class _NoRepeatNGram:
         n, V = self.n, scores.shape[1]
         banned_rows, banned_tokens = [], []
         for b, L in enumerate(h.row_lengths):
-            table = self.tables[b]
-            first_end = max(self.consumed[b], n - 1)  # the first n-gram ends at position n - 1
+            r = h.rows[b]  # this row's state
+            table = self.tables[r]
+            first_end = max(self.consumed[r], n - 1)  # the first n-gram ends at position n - 1
             if first_end < L:
                 start = first_end - (n - 1)
                 toks = h.row_tokens(b, start)
                 for e in range(n - 1, len(toks)):
                     table.setdefault(tuple(toks[e - n + 1 : e]), set()).add(toks[e])
-            self.consumed[b] = max(self.consumed[b], L)
+            self.consumed[r] = max(self.consumed[r], L)
             tail = h.row_tail(b, n - 1)
             for i, path in enumerate(h.paths[b]):
                 if L + len(path) < n or not h.valid_list[b * h.T + i]:
@@ -278,6 +294,8 @@ def node_step(processor, rows: int) -> NodeStep:
         return _RepetitionPenalty(processor, rows)
     if kind is NoRepeatNGramLogitsProcessor:
         return _NoRepeatNGram(processor, rows)
+    if kind is EncoderRepetitionPenaltyLogitsProcessor:
+        return _encoder_repetition(processor)
     if kind in HISTORY_FREE:
         return _history_free(processor)
     if kind in LENGTH_ONLY:
@@ -302,33 +320,39 @@ class NodeProcessing:
         self.record_scores, self.record_logits = record_scores, record_logits
         self.records: list[list[tuple[torch.Tensor | None, torch.Tensor | None]]] = [[] for _ in self.prompt]
 
-    def __call__(self, batch: TreeBatch, logits: torch.Tensor, generated: Sequence[list[int]]) -> torch.Tensor:
-        """float32 scores [B, T, V]: node (b, i)'s logits processed on its exact history."""
+    def __call__(
+        self, batch: TreeBatch, logits: torch.Tensor, generated: Sequence[list[int]], rows: Sequence[int] | None = None
+    ) -> torch.Tensor:
+        """float32 scores [B, T, V]: node (b, i)'s logits processed on its exact history; row b
+        of the batch is the call's row `rows[b]` (default: every row, in order)."""
         B, T, V = logits.shape
         scores = logits.reshape(B * T, V).to(torch.float32, copy=True)  # as HF: float32, raw logits kept
         if self.steps:
-            histories = NodeHistories(self.prompt, generated, batch)
+            histories = NodeHistories(self.prompt, generated, batch, range(B) if rows is None else rows)
             for step in self.steps:
                 scores = step(histories, scores)
         return scores.view(B, T, V)
 
-    def wrap(self, accept: AcceptRule, generated: Sequence[list[int]]) -> AcceptRule:
+    def wrap(self, accept: AcceptRule, generated: Sequence[list[int]], live: Sequence[int] | None = None) -> AcceptRule:
         """`accept` on processed scores. `generated` is the decode loop's live per-row list of
-        emitted tokens: every tree it verifies is rooted at its row's last history token."""
+        emitted tokens: every tree it verifies is rooted at its row's last history token. `live`,
+        kept up to date by the loop, is the call's row in each batch row it verifies (default:
+        every row, in order)."""
         self.generated = generated
 
         def rule(batch: TreeBatch, logits: torch.Tensor) -> tuple[list[list[int]], list[int]]:
-            last = [g[-1] if g else p[-1] for p, g in zip(self.prompt, generated)]
+            rows = range(len(generated)) if live is None else live
+            last = [generated[b][-1] if generated[b] else self.prompt[b][-1] for b in rows]
             if batch.tokens[:, 0].tolist() != last:
                 raise RuntimeError("per-node processing: a tree is not rooted at its row's last emitted token")
-            scores = self(batch, logits, generated)
+            scores = self(batch, logits, generated, rows)
             paths, bonus = accept(batch, scores)
             if self.record_scores or self.record_logits:
-                for b, path in enumerate(paths):
-                    at = torch.tensor(path, device=scores.device)
+                for i, path in enumerate(paths):
+                    b, at = rows[i], torch.tensor(path, device=scores.device)
                     self.records[b].append((
-                        scores[b, at] if self.record_scores else None,
-                        logits[b, at].float() if self.record_logits else None,
+                        scores[i, at] if self.record_scores else None,
+                        logits[i, at].float() if self.record_logits else None,
                     ))
             return paths, bonus
 
