@@ -279,8 +279,11 @@ def tree_generate(
     # leaves them out, then runs plain steps, while speculating does not pay)
     speculating, costly = True, needs_hidden
     while not all(done):
+        # rows that finished leave the cache: a step neither computes nor attends over them
+        finished = [i for i, b in enumerate(live) if done[b]]
+        if finished:
+            live[:] = [live[i] for i in cache.retire(finished)]
         L = len(live)
-        active = [i for i, b in enumerate(live) if not done[b]]  # cache rows of unfinished rows
         W = cache.write_start
         if planner is not None and stats.steps == 0:
             planner.warm_up(model, forward, L, W)
@@ -289,7 +292,7 @@ def tree_generate(
         proposing = planning = 0.0
         trees = [None] * L
         if speculating:
-            trees = [drafter.propose(b, max_tree_nodes) if not done[b] else None for b in live]
+            trees = [drafter.propose(b, max_tree_nodes) for b in live]
             proposing = time.perf_counter() - t_step
             if planner is not None:
                 t_plan = time.perf_counter()
@@ -300,8 +303,7 @@ def tree_generate(
         T = batch.num_nodes
         mask = torch.cat([cache.valid[:, None, :W].expand(L, T, W), batch.ancestors], dim=2)[:, None].to(device)
         positions = (torch.tensor([n_real_l[b] for b in live])[:, None] + batch.depths).to(device)
-        # ragged: the forward runs only the real nodes of unfinished rows
-        nodes = batch.valid & torch.tensor([not done[b] for b in live])[:, None] if ragged else None
+        nodes = batch.valid if ragged else None  # ragged: the forward runs only the real nodes
         tokens = int(nodes.sum()) if ragged else L * T
         cache.begin_step(mask, nodes)
         with StepTimer(device) as timer:
@@ -313,20 +315,17 @@ def tree_generate(
         kept = cache.keep[:, :T].cpu()
         batch = dataclasses.replace(batch, valid=batch.valid & kept)
         deep_rows = int(kept.sum(1).max())  # rows per batch row that ran the deep layers
-        stats.pruned_nodes += sum(max(len(trees[i]) - deep_rows, 0) for i in active)
+        stats.pruned_nodes += sum(max(len(tree) - deep_rows, 0) for tree in trees)
         paths, bonus = accept(batch, logits)
         if planner is not None:
             n_errors, n_outcomes = len(planner.latency_errors), len(planner.outcomes)
-            planner.observe(
-                [trees[i] for i in active], [paths[i] for i in active], timer.seconds, L, T, W, kept=deep_rows,
-                tokens=tokens,
-            )
+            planner.observe(trees, paths, timer.seconds, L, T, W, kept=deep_rows, tokens=tokens)
             stats.latency_errors += planner.latency_errors[n_errors:]
             stats.outcomes += planner.outcomes[n_outcomes:]
         stats.steps += 1
         kept_nodes = {}
-        for i in active:
-            b, path = live[i], paths[i]
+        for i, b in enumerate(live):
+            path = paths[i]
             proposal = batch.tokens[i, path[1:]].tolist() + [bonus[i]]
             appended = emit(b, proposal)
             drafter.advance(b, appended)
@@ -355,12 +354,8 @@ def tree_generate(
             # this step's speculation: prepared after the last step, proposed and planned now
             speculation = prepared + proposing + planning if speculated else None
             around = time.perf_counter() - t_step - timer.seconds - proposing - planning - preparing
-            planner.observe_overhead(tokens, around, len(active), speculation, costly=costly_before)
+            planner.observe_overhead(tokens, around, L, speculation, costly=costly_before)
         prepared = preparing
-        # rows that finished leave the cache: later steps neither compute nor attend over them
-        finished = [i for i, b in enumerate(live) if done[b]]
-        if finished and len(finished) < L:
-            live[:] = [live[i] for i in cache.retire(finished)]
     if stream is not None:
         stream.end(generated)
 

@@ -167,9 +167,9 @@ def _encoder_repetition(processor: EncoderRepetitionPenaltyLogitsProcessor) -> N
     """The encoder penalty reads its batch row's prompt: HF repeats the prompt rows to the number
     of scored rows, so it is called with the prompts of the rows in the batch."""
     def step(h: NodeHistories, scores: torch.Tensor) -> torch.Tensor:
-        rows = copy.copy(processor)
-        rows.encoder_input_ids = processor.encoder_input_ids[torch.tensor(h.rows, device=processor.encoder_input_ids.device)]
-        return rows(torch.zeros((scores.shape[0], 0), dtype=torch.long, device=scores.device), scores)
+        these = copy.copy(processor)
+        these.encoder_input_ids = processor.encoder_input_ids[torch.tensor(h.rows, device=processor.encoder_input_ids.device)]
+        return these(torch.zeros((scores.shape[0], 0), dtype=torch.long, device=scores.device), scores)
 
     return step
 

@@ -1,7 +1,7 @@
 """Ragged verification steps: each row verifies its own number of tree nodes.
 
 A batched step used to pad every row's tree to the largest one, so one row with a good draft
-made every row pay for its size (finished rows now leave the cache: `TreeKVCache.retire`). Here the linear layers (most of a
+made every row pay for its size, and finished rows rode along. Here the linear layers (most of a
 step) see only the real nodes, packed into one token dimension of N = sum of the rows' sizes;
 attention, the only part that needs the rows apart, gathers each row's queries back into the
 padded [B, T] layout and reads that row's own cache, and the cache writes go to each node's own
