@@ -86,7 +86,12 @@ METHODS: dict[str, Method] = {
                     propd={"tree": "medusa", "max_tree_nodes": 16, "prune": True, "compile": True}),
     "dynamic-prune": Method("ProPD dynamic tree with early pruning (torch.compile backend)",
                             propd={"tree": "dynamic", "prune": True, "compile": True}),
-    "propd": Method("ProPD defaults: dynamic tree, heads + n-gram, compiled kernels", propd={"compile": True}),
+    "propd": Method("ProPD defaults: dynamic tree, the default drafters (a shipped feature drafter + n-gram, "
+                    "else the shipped heads + n-gram), compiled kernels", propd={"compile": True}),
+    # The default row with the other drafters, on the same kernels: what the feature drafter adds.
+    "propd-heads": Method("the propd row with the Medusa heads + n-gram instead of the feature drafter",
+                          propd={"compile": True, "drafters": ("heads", "ngram")}),
+    "propd-ngram": Method("the propd row with the n-gram drafter alone", propd={"compile": True, "drafters": ("ngram",)}),
     # The same rows with a repetition penalty (per-node logits processing), against HF with it.
     "hf-rep": Method("HF greedy generate, eager, repetition_penalty=1.2", hf={}, generate=REPETITION),
     "dynamic-rep": Method("the dynamic row with repetition_penalty=1.2", propd={"tree": "dynamic", "compile": False},

@@ -284,6 +284,7 @@ def cmd_train_drafter(args) -> int:
         own_prompts=args.own_prompts, answer_tokens=args.answer_tokens, fixed_tokens=args.fixed_tokens,
         draft_vocab=args.draft_vocab, ttt_steps=args.ttt_steps, epochs=args.epochs, lr=args.lr, seed=args.seed,
         max_train_tokens=args.max_train_tokens, eval_mt_bench=not args.no_mt_bench,
+        batch_seqs=args.batch_seqs, mixed_precision=not args.fp32,
     )
     report = train_drafter(model, args.out, tokenizer=tok, settings=settings, model_name=args.model)
     print(json.dumps({k: report.get(k) for k in ("draft_vocab", "held_out", "data")}, indent=1))
@@ -388,6 +389,8 @@ def main(argv: list[str] | None = None) -> int:
     td.add_argument("--epochs", type=int, default=dd.epochs)
     td.add_argument("--lr", type=float, default=dd.lr)
     td.add_argument("--max-train-tokens", type=int, default=None, help="cap on training positions per epoch")
+    td.add_argument("--batch-seqs", type=int, default=dd.batch_seqs, help="sequences per optimiser step")
+    td.add_argument("--fp32", action="store_true", help="train in fp32 (default: bf16 autocast where the CPU has bf16 units)")
     td.add_argument("--no-mt-bench", action="store_true", help="skip the acceptance report on MT-Bench answers")
     td.add_argument("--seed", type=int, default=dd.seed)
     td.add_argument("--threads", type=int, default=None, help="torch CPU threads")

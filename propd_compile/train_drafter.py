@@ -56,6 +56,7 @@ class DrafterSettings:
     checkpoint_every: int = 100  # optimiser steps
     max_train_tokens: int | None = None
     save_dtype: str = "float16"
+    mixed_precision: bool = True  # bf16 autocast for the draft's forward where the CPU has bf16 units
     seed: int = 0
     eval_mt_bench: bool = True
 
@@ -170,12 +171,26 @@ def _valid(batch: dict, step: int) -> torch.Tensor:
     return (u < batch["length"][:, None]) & (u >= batch["start"][:, None] - 1)
 
 
-def unrolled_loss(draft, model, batch: dict, steps: int, weight: float) -> tuple[torch.Tensor, list[float]]:
+def bf16_autocast_available(device: torch.device) -> bool:
+    """Whether bf16 autocast runs on fast units here (CUDA, or a CPU with AVX-512 BF16 / AMX):
+    elsewhere bf16 matmuls are emulated and slower than fp32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return device.type == "cpu" and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
+def unrolled_loss(
+    draft, model, batch: dict, steps: int, weight: float, mixed_precision: bool = False
+) -> tuple[torch.Tensor, list[float]]:
     """Training-time-test loss: per step, cross-entropy against the target's distribution at the
-    position it predicts, weighted weight**step; also each step's mean loss."""
+    position it predicts, weighted weight**step; also each step's mean loss. With
+    `mixed_precision` the draft's forward runs under bf16 autocast (the target's distribution and
+    the loss stay fp32)."""
     with torch.no_grad():
         target = _target_logprobs(model, draft.draft_vocab, batch["hidden"])  # [B, N, V']
-    logits = draft.unrolled(batch["features"], batch["tokens"], steps)
+    device = batch["features"].device
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=mixed_precision):
+        logits = draft.unrolled(batch["features"], batch["tokens"], steps)
     total, per_step = 0.0, []
     for j, lg in enumerate(logits):
         valid = _valid(batch, j)
@@ -254,7 +269,11 @@ def train(model, draft, train_data: list[dict], eval_data: list[dict], settings:
     )
     ckpt_path = work / "drafter_checkpoint.pt"
     step, history = 0, []
-    model_keys = ("draft_vocab", "ttt_steps", "step_weight", "epochs", "batch_seqs", "lr", "seed", "max_train_tokens")
+    model_keys = ("draft_vocab", "ttt_steps", "step_weight", "epochs", "batch_seqs", "lr", "seed", "max_train_tokens",
+                  "mixed_precision")
+    amp = settings.mixed_precision and bf16_autocast_available(device)
+    if settings.mixed_precision and not amp:
+        log.info("no fast bf16 on %s: the drafter trains in fp32", device)
     if ckpt_path.exists():
         ckpt = torch.load(ckpt_path, weights_only=False)
         if any(ckpt["settings"].get(k) != getattr(settings, k) for k in model_keys):
@@ -280,7 +299,7 @@ def train(model, draft, train_data: list[dict], eval_data: list[dict], settings:
         perm = list(range(len(batches)))
         random.Random(settings.seed * 1000 + epoch).shuffle(perm)
         batch = _batch([train_data[i] for i in batches[perm[k]]], device)
-        loss, per_step = unrolled_loss(draft, model, batch, settings.ttt_steps, settings.step_weight)
+        loss, per_step = unrolled_loss(draft, model, batch, settings.ttt_steps, settings.step_weight, amp)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(draft.parameters(), settings.grad_clip)

@@ -10,7 +10,9 @@ from propd_compile.decoding import tree_generate
 from propd_compile.distill_data import default_taps, fixed_text_sequences
 from propd_compile.drafters import build_drafter
 from propd_compile.feature_drafter import FeatureDraftModel, load_drafter
-from propd_compile.train_drafter import DrafterSettings, evaluate, train_drafter
+from propd_compile.train_drafter import (
+    DrafterSettings, _batch, bf16_autocast_available, evaluate, train_drafter, unrolled_loss,
+)
 
 
 def _greedy_sequences(model, n=12, new=24):
@@ -92,6 +94,30 @@ def test_training_teaches_the_drafter_the_greedy_chain(tmp_path):
         drafter=build_drafter(config, model), max_tree_nodes=12,
     )
     assert torch.equal(out, hf_greedy(model, ids, mask, 24)) and stats.mean_accepted > 1.2
+
+
+def test_mixed_precision_loss_tracks_fp32_and_trains_every_weight(tmp_path):
+    """bf16 autocast changes the draft forward's rounding only: the unrolled loss stays within
+    bf16 error of the fp32 loss, and every drafter weight still gets a finite gradient."""
+    if not bf16_autocast_available(torch.device("cpu")):
+        pytest.skip("no fast bf16 on this CPU: the trainer runs fp32 here")
+    from propd_compile.distill_data import feature_shards, load_shards
+
+    model = tiny_model("llama", seed=2)
+    seqs = _greedy_sequences(model, n=4)
+    feature_shards(model, [s for s, _ in seqs], [st for _, st in seqs], default_taps(2), tmp_path)
+    batch = _batch(load_shards([tmp_path]), torch.device("cpu"))
+    draft = FeatureDraftModel(model, default_taps(2), torch.arange(40))
+    with torch.no_grad():  # away from the identity init, so every weight matters
+        for p in draft.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    full, full_steps = unrolled_loss(draft, model, batch, 3, 0.8, mixed_precision=False)
+    half, half_steps = unrolled_loss(draft, model, batch, 3, 0.8, mixed_precision=True)
+    assert half.dtype == torch.float32
+    assert abs(float(half.detach()) - float(full.detach())) < 0.02 * float(full.detach()), (full_steps, half_steps)
+    half.backward()
+    for name, p in draft.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
 @pytest.mark.real_model
