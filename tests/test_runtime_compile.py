@@ -156,7 +156,7 @@ def test_the_package_reads_the_decoder_weights_in_their_block_format(compiled_ll
     assert manifest["passes"][0].startswith(f"block_linear: swapped={n} {{'q4_1': {n}}}") and "skipped=1" in manifest["passes"][0]
 
 
-def test_a_fresh_process_loads_the_package_instead_of_compiling(compiled_llama):
+def test_a_fresh_process_loads_the_package_instead_of_compiling(compiled_llama, tmp_path):
     model, _ = compiled_llama
     code = textwrap.dedent(f"""
         import sys, torch
@@ -174,7 +174,9 @@ def test_a_fresh_process_loads_the_package_instead_of_compiling(compiled_llama):
         assert torch.equal(out, hf_greedy(model, ids, mask, 20))
         print("ok")
     """)
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    # run outside the checkout, as a user's process would: with the repository root on sys.path its
+    # top-level `kernels/` folder shadows Hugging Face's `kernels` package, which transformers imports
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert done.returncode == 0 and done.stdout.strip().endswith("ok"), done.stderr[-3000:]
 
 
