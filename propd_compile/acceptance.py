@@ -8,10 +8,16 @@ Two statistics, both updated from verification outcomes:
   Warm-started from the heads' held-out `rank_accuracy`.
 * `Calibrator`: P(node accepted | parent accepted) per cell (depth, head rank or "not from the
   heads", bin of the drafter's own conditional confidence: head softmax, n-gram evidence share,
-  or their noisy-or when both drafted the node). A cell's estimate is a Beta posterior mean whose
-  prior is P_k^i for the node's head rank (ProPD's context-free estimate) or the raw confidence
-  itself, refined by the cell's own hits and trials; so the per-step confidence sharpens the
-  per-rank statistic once there is evidence that it is informative.
+  or their noisy-or when both drafted the node). A cell's estimate is a Beta posterior mean
+  refined by the cell's own hits and trials, so the per-step confidence sharpens the per-rank
+  statistic once there is evidence that it is informative. Cells are many and most see few
+  trials, so their prior is pooled (a hierarchy of Beta means): the node's raw estimate (P_k^i
+  for its head rank, ProPD's context-free estimate, or the drafter's confidence itself) scaled by
+  what that source realized against its raw estimates so far, then the same (source, confidence
+  bin) over all depths. Raw estimates run high where it matters: an n-gram continuation seen
+  once claims certainty, held-out head accuracies come from the heads' own training
+  distribution, and the planner verifies the nodes whose estimates are highest, so the pooled
+  ratio corrects the level of a source's claims after a few steps, depth by depth after more.
 
 A node's path probability l(c) is the product of the calibrated conditionals from the root, and
 E[tokens per step] = sum over the tree of l (the root's l = 1 is the bonus token). l never grows
@@ -81,37 +87,57 @@ class RankStats:
 
 @dataclass
 class Calibrator:
-    """Beta-posterior P(accept | parent accepted) per (depth, rank bucket, confidence bin)."""
+    """Beta-posterior P(accept | parent accepted) per (depth, rank bucket, confidence bin), with
+    pooled priors: (source, bin) over all depths, and per source the ratio of its realized
+    acceptances to its raw estimates."""
 
     max_depth: int = 8
     rank_buckets: int = 4  # head ranks 0..rank_buckets-2 apart, the rest together
     bins: int = 10
     prior_strength: float = 4.0
     decay: float = 0.999  # per step
-    counts: dict[str, list[float]] = field(default_factory=dict)  # key -> [hits, trials]
+    counts: dict[str, list[float]] = field(default_factory=dict)  # "depth,source,bin" -> [hits, trials]
+    # "source,bin" -> [hits, trials] over all depths; "source" -> [hits, sum of raw estimates]
+    pooled: dict[str, list[float]] = field(default_factory=dict)
 
-    def key(self, depth: int, rank: int, conf: float) -> str:
-        d = min(depth, self.max_depth)
-        r = NOT_FROM_HEADS if rank == NOT_FROM_HEADS else min(rank, self.rank_buckets - 1)
+    def cells(self, depth: int, rank: int, conf: float) -> tuple[str, str, str]:
+        """A node's cell, its (source, bin) pool over depths and its source's pool."""
+        source = NOT_FROM_HEADS if rank == NOT_FROM_HEADS else min(rank, self.rank_buckets - 1)
         b = min(int(max(conf, 0.0) * self.bins), self.bins - 1)
-        return f"{d},{r},{b}"
+        return f"{min(depth, self.max_depth)},{source},{b}", f"{source},{b}", f"{source}"
+
+    @staticmethod
+    def raw(depth: int, rank: int, conf: float, rank_stats: RankStats | None) -> float:
+        """The uncalibrated estimate: P_k^i for a heads node whose head has statistics, else the
+        drafter's confidence."""
+        if rank != NOT_FROM_HEADS and rank_stats is not None and rank_stats.trials[min(depth - 1, rank_stats.num_heads - 1)] > 0:
+            return rank_stats.p(depth - 1, rank)
+        return conf
+
+    def _mean(self, cell: list[float] | tuple[float, float], prior: float) -> float:
+        return min(max((cell[0] + self.prior_strength * prior) / (cell[1] + self.prior_strength), 0.0), 1.0)
 
     def conditional(self, depth: int, rank: int, conf: float, rank_stats: RankStats | None) -> float:
         """Calibrated P(accept | parent accepted) for one node."""
-        prior = conf
-        if rank != NOT_FROM_HEADS and rank_stats is not None and rank_stats.trials[min(depth - 1, rank_stats.num_heads - 1)] > 0:
-            prior = rank_stats.p(depth - 1, rank)
-        hits, trials = self.counts.get(self.key(depth, rank, conf), (0.0, 0.0))
-        return min(max((hits + self.prior_strength * prior) / (trials + self.prior_strength), 0.0), 1.0)
+        cell, by_bin, source = self.cells(depth, rank, conf)
+        hits, raw_sum = self.pooled.get(source, (0.0, 0.0))
+        ratio = (hits + self.prior_strength) / (raw_sum + self.prior_strength)
+        prior = min(self.raw(depth, rank, conf, rank_stats) * ratio, 1.0)
+        prior = self._mean(self.pooled.get(by_bin, (0.0, 0.0)), prior)
+        return self._mean(self.counts.get(cell, (0.0, 0.0)), prior)
 
-    def observe(self, depth: int, rank: int, conf: float, accepted: bool) -> None:
-        cell = self.counts.setdefault(self.key(depth, rank, conf), [0.0, 0.0])
-        cell[0] += float(accepted)
-        cell[1] += 1.0
+    def observe(self, depth: int, rank: int, conf: float, accepted: bool, raw: float | None = None) -> None:
+        """One trial of a node whose parent was accepted; `raw`: its uncalibrated estimate
+        (`Calibrator.raw`; default: `conf`, right for nodes not from the heads)."""
+        cell, by_bin, source = self.cells(depth, rank, conf)
+        for table, k, add in ((self.counts, cell, 1.0), (self.pooled, by_bin, 1.0), (self.pooled, source, conf if raw is None else raw)):
+            entry = table.setdefault(k, [0.0, 0.0])
+            entry[0] += float(accepted)
+            entry[1] += add
 
     def step(self) -> None:
         """Age all counts by one step (recent steps count more)."""
-        for cell in self.counts.values():
+        for cell in (*self.counts.values(), *self.pooled.values()):
             cell[0] *= self.decay
             cell[1] *= self.decay
 
@@ -148,12 +174,13 @@ class AcceptanceModel:
             depths, ranks = tree.depths, tree.head_ranks
             for i in range(1, len(tree)):
                 if tree.parents[i] in on_path:
-                    self.calibrator.observe(depths[i], ranks[i], conf[i], i in on_path)
+                    raw = self.calibrator.raw(depths[i], ranks[i], conf[i], self.rank_stats)
+                    self.calibrator.observe(depths[i], ranks[i], conf[i], i in on_path, raw)
         self.calibrator.step()
 
     # --- persistence (warm starts) ----------------------------------------------------------
     def to_dict(self) -> dict:
-        out = {"calibrator": {"counts": self.calibrator.counts}}
+        out = {"calibrator": {"counts": self.calibrator.counts, "pooled": self.calibrator.pooled}}
         if self.rank_stats is not None:
             out["rank_stats"] = {"hits": self.rank_stats.hits, "trials": self.rank_stats.trials}
         return out
@@ -165,5 +192,6 @@ class AcceptanceModel:
         """Continue from saved statistics (same heads and shapes)."""
         d = json.loads(Path(path).read_text())
         self.calibrator.counts = {k: list(v) for k, v in d["calibrator"]["counts"].items()}
+        self.calibrator.pooled = {k: list(v) for k, v in d["calibrator"].get("pooled", {}).items()}
         if "rank_stats" in d and self.rank_stats is not None:
             self.rank_stats.hits, self.rank_stats.trials = d["rank_stats"]["hits"], d["rank_stats"]["trials"]

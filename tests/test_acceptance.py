@@ -53,6 +53,20 @@ def test_calibrator_learns_the_acceptance_rate_of_a_cell(true_rate, conf, rank, 
     assert cal.conditional(1, rank, conf, prior) == pytest.approx(true_rate, abs=0.04)
 
 
+@settings(deadline=None, max_examples=40)
+@given(factor=st.floats(0.3, 0.8), conf=st.floats(0.5, 1.0), other=st.floats(0.3, 1.0), seed=st.integers(0, 10**6))
+def test_cells_without_trials_borrow_what_their_source_realized(factor, conf, other, seed):
+    """A drafter whose confidences run high by `factor`: cells it never reached (a deeper depth,
+    another confidence bin) start from what the source realized, not from its raw claim."""
+    rng = random.Random(seed)
+    cal = Calibrator(decay=1.0)
+    for _ in range(2000):
+        cal.observe(1 + rng.randrange(3), -1, conf, rng.random() < factor * conf)
+    assert cal.conditional(6, -1, conf, None) == pytest.approx(factor * conf, abs=0.06)  # same bin, new depth
+    if int(other * cal.bins) != int(conf * cal.bins):  # another bin: the source's ratio
+        assert cal.conditional(6, -1, other, None) == pytest.approx(min(factor * other, 1.0), abs=0.08)
+
+
 def test_priors_before_any_outcome():
     cal = Calibrator()
     prior = RankStats.warm([[0.6, 0.2]])
@@ -109,4 +123,5 @@ def test_statistics_round_trip(tmp_path):
     other = AcceptanceModel(rank_stats=RankStats.warm([[0.1, 0.1]]))
     other.load(tmp_path / "s.json")
     assert other.calibrator.counts == model.calibrator.counts
+    assert other.calibrator.pooled == model.calibrator.pooled
     assert other.rank_stats.table() == model.rank_stats.table()
