@@ -63,7 +63,7 @@ def test_cells_without_trials_borrow_what_their_source_realized(factor, conf, ot
     for _ in range(2000):
         cal.observe(1 + rng.randrange(3), -1, conf, rng.random() < factor * conf)
     assert cal.conditional(6, -1, conf, None) == pytest.approx(factor * conf, abs=0.06)  # same bin, new depth
-    if int(other * cal.bins) != int(conf * cal.bins):  # another bin: the source's ratio
+    if cal.cells(6, -1, other)[1] != cal.cells(6, -1, conf)[1]:  # another bin: the source's ratio
         assert cal.conditional(6, -1, other, None) == pytest.approx(min(factor * other, 1.0), abs=0.08)
 
 
