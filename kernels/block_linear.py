@@ -46,6 +46,17 @@ def available() -> bool:
     return _loaded is True
 
 
+def ready() -> bool:
+    """`available()`, without building: True where the kernel is loaded or was built on this
+    machine before (loading it then takes well under a second)."""
+    if _loaded is None:
+        from torch.utils.cpp_extension import _get_build_directory
+
+        if not (Path(_get_build_directory("propd_block_linear", False)) / "propd_block_linear.so").exists():
+            return False
+    return available()
+
+
 def _load() -> bool | str:
     if torch.backends.cpu.get_cpu_capability() not in ("AVX2", "AVX512"):
         return f"needs AVX2, this CPU reports {torch.backends.cpu.get_cpu_capability()}"
@@ -112,15 +123,24 @@ def _q4_1(w: torch.Tensor) -> BlockWeight | None:
     return BlockWeight("q4_1", packed, _tiles(d_best.squeeze(-1).half()), _tiles(lo.squeeze(-1).half()))
 
 
-def _q8_0(w: torch.Tensor) -> BlockWeight | None:
+def _q8_0(w: torch.Tensor, exact: bool = True) -> BlockWeight | None:
     """w = d * q per block of 32, q in -127..127, d fp16 (GGUF Q8_0): d is the block's largest
-    magnitude over 127."""
+    magnitude over 127. With `exact=False`, the Q8_0 weight nearest to w."""
     b = w.reshape(w.shape[0], -1, BLOCK)
     d = (b.abs().amax(-1, keepdim=True) / 127).half().float()
     q = torch.where(d > 0, b / torch.where(d > 0, d, 1), 0).round().clamp(-127, 127)
-    if not torch.equal(d * q, b):
+    if exact and not torch.equal(d * q, b):
         return None
     return BlockWeight("q8_0", _tiles(q.reshape(w.shape).to(torch.int8)), _tiles(d.squeeze(-1).half()), None)
+
+
+def nearest_q8_0(w: torch.Tensor) -> BlockWeight:
+    """The Q8_0 weight nearest to `w` ([N, K] fp32, N a multiple of 16, K of 32), for weights
+    whose exact values do not matter, such as a drafter's: its drafts only change how many of
+    them verification accepts. A weight that is Q8_0 already comes back exact."""
+    if w.dtype != torch.float32 or w.dim() != 2 or w.shape[0] % TILE or w.shape[1] % BLOCK:
+        raise ValueError(f"nearest_q8_0 needs a 2-D fp32 weight [16n, 32k], got {w.dtype} {tuple(w.shape)}")
+    return _q8_0(w.detach().cpu(), exact=False)
 
 
 def _bf16(w: torch.Tensor) -> BlockWeight | None:

@@ -92,6 +92,9 @@ METHODS: dict[str, Method] = {
     "propd-heads": Method("the propd row with the Medusa heads + n-gram instead of the feature drafter",
                           propd={"compile": True, "drafters": ("heads", "ngram")}),
     "propd-ngram": Method("the propd row with the n-gram drafter alone", propd={"compile": True, "drafters": ("ngram",)}),
+    # What the model's own phrases add to the n-gram drafter (`propd_compile.phrases`).
+    "propd-nophrases": Method("the propd row without the phrase corpus (n-gram drafts from the row's own text only)",
+                              propd={"compile": True, "phrases": False}),
     # The same rows with a repetition penalty (per-node logits processing), against HF with it.
     "hf-rep": Method("HF greedy generate, eager, repetition_penalty=1.2", hf={}, generate=REPETITION),
     "dynamic-rep": Method("the dynamic row with repetition_penalty=1.2", propd={"tree": "dynamic", "compile": False},

@@ -291,6 +291,21 @@ def cmd_train_drafter(args) -> int:
     return 0
 
 
+def cmd_build_phrases(args) -> int:
+    import propd_compile
+    from propd_compile import models
+    from propd_compile.phrases import build_phrases
+    from propd_compile.train_heads import TrainSettings
+
+    model, tok = models.load(args.model)
+    propd_compile.accelerate(model)  # greedy answers through propd: the same tokens, faster
+    settings = TrainSettings(num_prompts=args.prompts, answer_tokens=args.answer_tokens, seed=args.seed)
+    phrases = build_phrases(model, tok, args.out, settings, batch_size=args.batch_size, model_name=args.model)
+    print(f"[propd] {args.out}: {phrases.config['tokens']} tokens of the model's own answers to "
+          f"{phrases.config['recipe']['prompts']} self-written prompts")
+    return 0
+
+
 def cmd_calibrate(args) -> int:
     """Measure verification steps on this machine, report the held-out error, save the fit."""
     import propd_compile
@@ -395,6 +410,15 @@ def main(argv: list[str] | None = None) -> int:
     td.add_argument("--seed", type=int, default=dd.seed)
     td.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     td.set_defaults(func=cmd_train_drafter)
+    ph = sub.add_parser("build-phrases", help="a corpus of the model's own greedy answers for the n-gram drafter (resumable)")
+    ph.add_argument("--model", default=DEFAULT_MODEL, help="embedded model name or a Hugging Face path")
+    ph.add_argument("--out", required=True, help="output directory (rerun with the same --out to resume)")
+    ph.add_argument("--prompts", type=int, default=1200, help="self-written prompts to answer")
+    ph.add_argument("--answer-tokens", type=int, default=256, help="longest greedy answer")
+    ph.add_argument("--batch-size", type=int, default=16, help="prompts answered together")
+    ph.add_argument("--seed", type=int, default=0, help="seed of the prompt sampling")
+    ph.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ph.set_defaults(func=cmd_build_phrases)
     c = sub.add_parser("calibrate", help="measure this machine's verification step latency for the dynamic tree")
     c.add_argument("--model", default=DEFAULT_MODEL)
     c.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8])

@@ -33,6 +33,9 @@ class ProPDConfig:
                      available feature drafter is the default, fused with n-gram drafts.
     drafter_topk:    the feature drafter's children per expanded node and nodes expanded per depth.
     ngram_max:       longest suffix n-gram the n-gram drafter matches.
+    phrases:         directory of a corpus of the model's own greedy answers (`propd build-phrases`)
+                     that the n-gram drafter matches after the row's own text; None: the corpus
+                     shipped for the model, if any (see propd_compile/data/phrases); False: none.
     compile:         compiled verification kernels (`propd_compile.runtime_compile`: the forward
                      exported once, propd's FX passes, AOTInductor with frozen weights and autotuned
                      C++ GEMM templates, kept on disk). "auto" (default): use them when they are
@@ -68,6 +71,7 @@ class ProPDConfig:
     max_depth: int = 6
     drafters: tuple[str, ...] | None = None
     ngram_max: int = 4
+    phrases: str | bool | None = None
     compile: bool | str = "auto"
     backend_options: dict[str, Any] = field(default_factory=dict)
     acceptance: str = "exact"
@@ -103,6 +107,8 @@ class ProPDConfig:
             raise ValueError("ProPDConfig(prune=True) needs compile=True: the prune point is a compiler pass")
         if self.prune_topk < 1 or (self.prune_layer is not None and self.prune_layer < 0):
             raise ValueError("ProPDConfig needs prune_topk >= 1 and prune_layer >= 0 (or None)")
+        if self.phrases is True:
+            raise ValueError("ProPDConfig.phrases takes a directory, None (the shipped corpus) or False (none), not True")
         if self.drafters is not None and not self.drafters:
             raise ValueError("ProPDConfig.drafters is empty; name at least one drafter, or None for the default")
         known = {"ngram", "heads", "feature"}

@@ -96,18 +96,31 @@ class _SuffixIndex:
         return out
 
 
+def _shares(paths: list[tuple[list[int], float]], total: float) -> list[tuple[list[int], float]]:
+    """`paths` with their weights rescaled to sum to `total`."""
+    weight = sum(w for _, w in paths)
+    return [(p, total * w / weight) for p, w in paths] if weight > 0 else []
+
+
 class NGramDrafter(Drafter):
     """Training-free drafts from the prompt and the generated text (prompt lookup, ANPD-style).
 
     Every earlier occurrence of the current 1..n_max-token suffix proposes what followed it;
     the continuations merge into one trie, so disagreeing occurrences become sibling branches.
-    A node's score is the share of evidence weight that agrees with its whole path.
+    A node's score is the share of evidence weight that agrees with its whole path. With a
+    phrase corpus (`propd_compile.phrases`), the suffix is also looked up in the model's own
+    earlier answers to other prompts.
     """
 
     def __init__(
-        self, n_max: int = 4, max_depth: int = 6, per_n: int = 8, branching: bool = True, n_min: int = 1
+        self, n_max: int = 4, max_depth: int = 6, per_n: int = 8, branching: bool = True, n_min: int = 1,
+        phrases=None, phrase_weight: float = 0.3,
     ) -> None:
         self.n_max, self.max_depth, self.per_n, self.branching, self.n_min = n_max, max_depth, per_n, branching, n_min
+        # phrases.PhraseIndex of the model's own answers: its continuations weigh `phrase_weight`
+        # against the row's own matches' 1 (a node's score is its share of the evidence), and at
+        # most `phrase_weight` when the row's own text has no match
+        self.phrases, self.phrase_weight = phrases, phrase_weight
         self.rows: list[_SuffixIndex] = []
 
     def start(self, sequences: Sequence[Sequence[int]]) -> None:
@@ -126,13 +139,19 @@ class NGramDrafter(Drafter):
         if budget <= 1 or self.max_depth == 0:
             return TokenTree.root_only(root)
         paths = index.continuations(self.max_depth, self.per_n, self.n_min)
-        if not paths:
-            return TokenTree.root_only(root)
         if not self.branching:
+            if not paths:
+                return TokenTree.root_only(root)
             best = max(paths, key=lambda p: p[1])  # max keeps the first: longest n, most recent
-            paths = [(best[0][: budget - 1], 1.0)]
-        total = sum(w for _, w in paths)
-        return TokenTree.from_paths(root, [(p, w / total) for p, w in paths], budget)
+            return TokenTree.from_paths(root, [(best[0][: budget - 1], 1.0)], budget)
+        scored = _shares(paths, 1.0)
+        if self.phrases is not None:
+            scored += _shares(self.phrases.continuations(index.tokens, self.max_depth, self.per_n), self.phrase_weight)
+            if sum(w for _, w in scored) > 1.0:  # both matched: shares of all the evidence
+                scored = _shares(scored, 1.0)
+        if not scored:
+            return TokenTree.root_only(root)
+        return TokenTree.from_paths(root, scored, budget)
 
 
 class HeadsDrafter(Drafter):
@@ -189,7 +208,7 @@ class HeadsDrafter(Drafter):
             root = None
             if self.heads.root_token:
                 root = self.embed(torch.tensor([self.last[r] for r in rows], device=hidden.device))
-            logits, vocab = self.heads.draft_logits(hidden, self.lm_head, num_heads=depth, root=root)  # [R, D, V']
+            logits, vocab = self.heads.draft_logits(hidden, self.lm_head, num_heads=depth, root=root, packed=True)  # [R, D, V']
             probs, ids = logits.float().softmax(-1).topk(min(self.topk, logits.shape[-1]), dim=-1)
             if vocab is not None:
                 ids = vocab[ids]
@@ -319,7 +338,7 @@ def build_drafter(config, model=None, rank_stats=None) -> Drafter:  # config: Pr
         names = ("ngram",)
     made = {
         "feature": lambda: feature_drafter_for(config, model),
-        "ngram": lambda: NGramDrafter(config.ngram_max, config.max_depth),
+        "ngram": lambda: NGramDrafter(config.ngram_max, config.max_depth, phrases=phrase_index(config, model)),
         "heads": lambda: HeadsDrafter(
             heads, lm_head, config.max_depth, topk=config.heads_topk, embed=embed, rank_stats=rank_stats
         ),
@@ -327,6 +346,16 @@ def build_drafter(config, model=None, rank_stats=None) -> Drafter:  # config: Pr
     drafters = [made[n]() for n in names]
     return drafters[0] if len(drafters) == 1 else FusedDrafter(drafters)
 
+
+
+def phrase_index(config, model=None):
+    """The index of the phrase corpus `config` names (or the one shipped for `model`), or None."""
+    if model is None or config.phrases is False:
+        return None
+    from propd_compile.phrases import resolve_phrases
+
+    phrases = resolve_phrases(model, config.phrases)
+    return phrases.index(config.ngram_max) if phrases is not None else None
 
 
 def feature_drafter_for(config, model) -> Drafter:

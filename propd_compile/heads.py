@@ -20,6 +20,7 @@ uses). Loading heads next to a model they were not trained for fails and names b
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -87,11 +88,11 @@ def identity_mismatch(built_for: dict, model: nn.Module) -> str | None:
     """Why heads built for `built_for` do not fit `model`, or None when they do."""
     mine = model_identity(model)
     if built_for["config_hash"] != mine["config_hash"]:
-        return f"they were trained for {_describe(built_for)}, but the model is {_describe(mine)}"
+        return f"they were made for {_describe(built_for)}, but the model is {_describe(mine)}"
     a, b = torch.tensor(built_for["probe"]), torch.tensor(mine["probe"])
     if a.shape != b.shape or not torch.allclose(a, b, rtol=2e-2, atol=2e-2):
         return (
-            f"they were trained for {_describe(built_for)}; the model {mine['name']!r} has the same architecture "
+            f"they were made for {_describe(built_for)}; the model {mine['name']!r} has the same architecture "
             "but different weights"
         )
     return None
@@ -124,6 +125,24 @@ class RootBlock(nn.Module):
 
     def forward(self, h: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
         return h + self.linear(F.silu(self.inner(torch.cat([h, e.to(h.dtype)], -1))))
+
+
+class _Q8Linear(nn.Module):
+    """A linear layer over the Q8_0 weight nearest to its own, through the block-format kernel
+    (drafting only: see `MedusaHeads.draft_logits`)."""
+
+    def __init__(self, linear: nn.Linear) -> None:
+        from propd_compile.kernels.block_linear import nearest_q8_0
+
+        super().__init__()
+        self.weight = nearest_q8_0(linear.weight.detach().float())
+        self.bias = None if linear.bias is None else linear.bias.detach().float()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from propd_compile.kernels.block_linear import block_linear
+
+        y = block_linear(x, self.weight)
+        return y if self.bias is None else y + self.bias
 
 
 class MedusaHeads(nn.Module):
@@ -164,10 +183,14 @@ class MedusaHeads(nn.Module):
                 p.weight.data.copy_(lm_head.weight.detach().float())
         return heads
 
-    def features(self, hidden: torch.Tensor, num_heads: int | None = None, root: torch.Tensor | None = None) -> torch.Tensor:
+    def features(
+        self, hidden: torch.Tensor, num_heads: int | None = None, root: torch.Tensor | None = None,
+        blocks: nn.ModuleList | None = None,
+    ) -> torch.Tensor:
         """[..., H] -> [..., K, H]: each head's residual block applied to the hidden state; `root`
-        [..., E] is the root token's input embedding (needed iff the heads are `root_token`)."""
-        blocks = self.blocks[: num_heads or self.num_heads]
+        [..., E] is the root token's input embedding (needed iff the heads are `root_token`);
+        `blocks` stands in for the heads' own (their packed copies)."""
+        blocks = (self.blocks if blocks is None else blocks)[: num_heads or self.num_heads]
         if self.root_token:
             if root is None:
                 raise ValueError("these heads read the root token: pass root=model.get_input_embeddings()(root_ids)")
@@ -189,23 +212,59 @@ class MedusaHeads(nn.Module):
 
     def draft_logits(
         self, hidden: torch.Tensor, lm_head: nn.Module | None = None, num_heads: int | None = None,
-        root: torch.Tensor | None = None,
+        root: torch.Tensor | None = None, packed: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(logits [..., K, V'], ids [V'] or None): the heads' logits over `draft_vocab` only
-        (all of the vocabulary without one); logits[..., j] belongs to token ids[j]."""
+        (all of the vocabulary without one); logits[..., j] belongs to token ids[j].
+
+        With `packed`, where the block-format kernel is built (`kernels.block_linear.ready`)
+        and the shapes allow, the products read Q8_0 copies of the blocks' and the LM-head
+        rows' weights (a quarter of fp32's bytes, and a drafting step on CPU costs its bytes):
+        the logits differ from fp32 by Q8_0's rounding, which can only move drafts, never what
+        verification accepts."""
         if self.draft_vocab is None or self.projections is not None:
             return self(hidden, lm_head, num_heads, root), None
         if lm_head is None:
             raise ValueError("these heads feed the base model's LM head: pass lm_head=model.get_output_embeddings()")
         w = lm_head.weight
-        key = (id(w), w._version, w.device, w.dtype)
+        key = (id(w), w._version, w.device, w.dtype, tuple(p._version for p in self.blocks.parameters()))
         if self._draft_weight is None or self._draft_weight[0] != key:
             vocab = self.draft_vocab.to(w.device)
             bias = getattr(lm_head, "bias", None)
-            self._draft_weight = (key, w.detach()[vocab], None if bias is None else bias.detach()[vocab], vocab)
-        _, sub_w, sub_b, vocab = self._draft_weight
+            self._draft_weight = (key, w.detach()[vocab], None if bias is None else bias.detach()[vocab], vocab, None)
+        _, sub_w, sub_b, vocab, pack = self._draft_weight
+        if packed and pack is None:
+            pack = self._pack(sub_w)
+            self._draft_weight = self._draft_weight[:4] + (pack,)
+        if packed and pack and hidden.dtype == torch.float32 and hidden.device.type == "cpu":
+            from propd_compile.kernels.block_linear import block_linear
+
+            blocks, lm = pack
+            z = self.features(hidden, num_heads, root, blocks)
+            logits = block_linear(z, lm)[..., : len(vocab)]
+            return logits if sub_b is None else logits + sub_b, vocab
         z = self.features(hidden, num_heads, root).to(w.dtype)
         return F.linear(z, sub_w, sub_b), vocab
+
+    def _pack(self, sub_w: torch.Tensor) -> tuple:
+        """(blocks over Q8_0 weights, the Q8_0 LM-head rows padded to whole tiles), or () where
+        the kernel is not built or a weight's shape does not tile."""
+        from propd_compile.kernels.block_linear import TILE, nearest_q8_0, ready
+
+        if sub_w.dtype != torch.float32 or sub_w.device.type != "cpu" or not ready():
+            return ()
+        try:
+            rows = torch.cat([sub_w.detach(), sub_w.new_zeros((-len(sub_w) % TILE, sub_w.shape[1]))])
+            lm = nearest_q8_0(rows)
+            blocks = copy.deepcopy(self.blocks)
+            for block in blocks:
+                for name, child in list(block.named_children()):
+                    if isinstance(child, nn.Linear):
+                        setattr(block, name, _Q8Linear(child))
+        except ValueError as e:  # a shape the kernel's tiles do not fit
+            log.info("draft heads stay fp32: %s", e)
+            return ()
+        return blocks, lm
 
     # --- persistence ---------------------------------------------------------------------------
     def config_dict(self) -> dict:

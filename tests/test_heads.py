@@ -113,6 +113,37 @@ def test_draft_vocabulary_restricts_the_drafts_and_round_trips(tmp_path):
     assert len(tree) == 10 and set(tree.tokens[1:]) <= set(vocab.tolist())
 
 
+def test_packed_draft_logits_follow_the_heads_and_decode_losslessly():
+    from propd_compile.kernels.block_linear import available
+
+    if not available():
+        pytest.skip("the block-format kernel cannot be built on this machine")
+    model = tiny_model("llama", seed=2)
+    heads = random_heads(model, 3, root_token=True)
+    heads.draft_vocab = torch.arange(6, VOCAB, 2)[:27]  # 27 rows: the packed LM-head rows are padded to whole tiles
+    lm, emb = model.get_output_embeddings(), model.get_input_embeddings()
+    h, e = torch.randn(5, 32), emb(torch.tensor([1, 2, 3, 4, 5]))
+
+    def close(a, b):  # Q8_0 rounds each weight to 1/254 of its block's largest magnitude
+        return torch.allclose(a, b, rtol=0.0, atol=0.03 * float(b.abs().max()))
+
+    with torch.no_grad():
+        fp32, ids = heads.draft_logits(h, lm, root=e)
+        packed, packed_ids = heads.draft_logits(h, lm, root=e, packed=True)
+        assert heads._draft_weight[4], "the packed path did not run"
+        assert torch.equal(ids, packed_ids) and packed.shape == fp32.shape and close(packed, fp32)
+        assert not torch.equal(packed, fp32)
+        heads.blocks[1].linear.weight.mul_(3.0)  # the heads change: the packed copies follow
+        fp32_new, _ = heads.draft_logits(h, lm, root=e)
+        packed_new, _ = heads.draft_logits(h, lm, root=e, packed=True)
+        assert close(packed_new, fp32_new) and not close(packed_new, packed)
+    rows = [[7, 8, 9, 10, 7, 8], [11, 12], [20, 21, 22, 23]]
+    ids, mask = left_padded(rows)
+    drafter = HeadsDrafter(heads, lm, max_depth=3, topk=4, embed=emb)
+    out, _ = tree_generate(model, ids, mask, max_new_tokens=24, eos_token_ids=[EOS], pad_token_id=PAD, drafter=drafter, max_tree_nodes=10)
+    assert torch.equal(out, hf_greedy(model, ids, mask, 24))
+
+
 def test_own_projection_round_trip(tmp_path):
     model = tiny_model("llama")
     heads = MedusaHeads.for_model(model, 2, own_projection=True)
