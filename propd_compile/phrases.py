@@ -32,6 +32,7 @@ VERSION = 1
 CONFIG, TOKENS = "config.json", "phrases.safetensors"
 SHIPPED_DIR = Path(__file__).parent / "data" / "phrases"
 SEPARATOR = -1
+PROMPT_TAIL = 4  # prompt tokens kept before each answer: the chat template's assistant header
 _MULT_U, _MASK = 0x9E3779B97F4A7C15, (1 << 64) - 1  # an odd 64-bit multiplier; products wrap mod 2**64
 _MULT = np.int64(_MULT_U - (1 << 64))
 
@@ -76,15 +77,13 @@ class PhraseIndex:
             self.keys.append(h[pos][order])
             self.follow.append(pos[order])
 
-    def continuations(
-        self, history: Sequence[int], depth: int, per_n: int, n_min: int = 1
-    ) -> list[tuple[list[int], float]]:
+    def continuations(self, history: Sequence[int], depth: int, per_n: int) -> list[tuple[list[int], float]]:
         """Up to `per_n` continuations (each up to `depth` tokens, stopping at a separator) of the
         longest suffixes of `history` found in the corpus, weighted n**2 like the row's own
         n-gram matches; shorter suffixes only while fewer than `per_n` were found. Frequent
         contexts are sampled evenly across the corpus."""
         out: list[tuple[list[int], float]] = []
-        for n in range(min(self.n_max, len(history)), n_min - 1, -1):
+        for n in range(min(self.n_max, len(history)), 0, -1):
             suffix = [int(t) for t in history[len(history) - n :]]
             key = _suffix_hash(suffix)
             lo, hi = np.searchsorted(self.keys[n], key, "left"), np.searchsorted(self.keys[n], key, "right")
@@ -235,9 +234,8 @@ def build_phrases(
         bar.update(len(idx))
         bar.set_postfix(tok_s=f"{n_tok / (time.perf_counter() - t0):.0f}")
     bar.close()
-    # each answer follows the tail of its prompt (the chat template's assistant header), so the
-    # corpus also predicts how answers start
-    stream = [rows[i][-4:] + answers[i] for i in range(len(rows))]
+    # each answer follows the tail of its prompt, so the corpus also predicts how answers start
+    stream = [rows[i][-PROMPT_TAIL:] + answers[i] for i in range(len(rows))]
     config = {
         "format": FORMAT, "version": VERSION, "base_model": model_identity(model),
         "model_name": model_name or model_identity(model)["name"],

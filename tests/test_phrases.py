@@ -11,7 +11,7 @@ import propd_compile
 from models_tiny import EOS, PAD, hf_greedy, left_padded, tiny_model
 from propd_compile import ProPDConfig
 from propd_compile.heads import model_identity
-from propd_compile.phrases import CONFIG, FORMAT, SEPARATOR, TOKENS, VERSION, PhraseIndex, Phrases
+from propd_compile.phrases import CONFIG, FORMAT, PROMPT_TAIL, SEPARATOR, TOKENS, VERSION, PhraseIndex, Phrases
 
 
 def _occurrences(stream: list[int], suffix: list[int]) -> list[int]:
@@ -141,7 +141,7 @@ def test_builder_writes_the_models_greedy_answers_and_resumes(tmp_path):
         answer = hf_greedy(model, ids, torch.ones_like(ids), 10, pad_token_id=tok.eos_token_id)[0, ids.shape[1]:].tolist()
         while answer and answer[-1] == tok.eos_token_id:
             answer.pop()
-        expected += ids[0, -4:].tolist() + answer + [SEPARATOR]
+        expected += ids[0, -PROMPT_TAIL:].tolist() + answer + [SEPARATOR]
     loaded = Phrases.load(tmp_path, model)
     assert loaded.tokens.tolist() == expected
     answers = (tmp_path / "work" / "answers.jsonl").read_text()
