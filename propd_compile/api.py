@@ -210,7 +210,8 @@ def propd_generate(
         accept = sampling_rule(generator, config.acceptance, config.posterior_threshold, config.posterior_alpha)
     else:
         accept = greedy_rule
-    planner = state.planner(config) if config.tree == "dynamic" else None
+    # plain decoding (one node per row) has nothing to plan: its loop stays as lean as a plain step
+    planner = state.planner(config) if config.tree == "dynamic" and config.max_tree_nodes > 1 else None
     drafter = build_drafter(config, model, rank_stats=planner.acceptance.rank_stats if planner else None)
     taps = drafter.feature_layers
     forward = state.forward(config, hidden=drafter.needs_hidden, taps=taps)

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 
 log = logging.getLogger(__name__)
@@ -41,63 +42,70 @@ def features(batch: int, tree: int, kept: float, kv: int, tokens: int | None = N
     """The regression features of a step: B rows padded to T nodes, `kept` of them past pruning,
     `tokens` real nodes in all (B T unless the step is ragged)."""
     n = batch * tree if tokens is None else tokens
-    return feature_matrix(batch, torch.tensor([float(tree)]), torch.tensor([float(kept)]), kv, torch.tensor([float(n)]))[0].tolist()
+    return feature_matrix(batch, np.array([tree]), np.array([kept]), kv, np.array([n]))[0].tolist()
 
 
-def feature_matrix(batch: int, tree: torch.Tensor, kept: torch.Tensor, kv: int, tokens: torch.Tensor) -> torch.Tensor:
-    """`features` of many candidate steps at once (one row each; tree, kept, tokens 1-D)."""
-    tree, kept, tokens = (x.to(torch.float64) for x in (tree, kept, tokens))
-    one = torch.ones_like(tree)
-    return torch.stack([
-        one, (tokens > 1).to(torch.float64), (tree > 1).to(torch.float64), batch * one, tokens, batch * kept,
+def feature_matrix(batch: int, tree: np.ndarray, kept: np.ndarray, kv: int, tokens: np.ndarray) -> np.ndarray:
+    """`features` of many candidate steps at once (one row each; tree, kept, tokens 1-D).
+    NumPy, not torch: a planner prices a few dozen candidates per step, where torch's per-op
+    dispatch would cost more than the arithmetic."""
+    tree, kept, tokens = (np.asarray(x, dtype=np.float64) for x in (tree, kept, tokens))
+    one = np.ones_like(tree)
+    return np.stack([
+        one, (tokens > 1).astype(np.float64), (tree > 1).astype(np.float64), batch * one, tokens, batch * kept,
         batch * kv / 1e3 * one, batch * kv / 1e3 * tree,
     ], 1)
 
 
 @dataclass
 class LatencyModel:
-    """Online recency-weighted least squares of step seconds on `features`."""
+    """Online recency-weighted least squares of step seconds on `features`.
+
+    Observations are kept as their weighted sufficient statistics (sum of w x x^T, of w x y, of
+    w; every observation ages all earlier ones by one step), so observing costs the same after
+    a million steps as after ten, and a refit is one small solve: decoding observes every step."""
 
     half_life: float = 256.0  # steps
     ridge: float = 1e-6
-    max_points: int = 2048
     refit_every: int = 16
     coef: list[float] | None = None
     # coefficients the refits shrink toward (a loaded calibration), with the weight of this many steps
     prior: list[float] | None = None
     prior_weight: float = 8.0
     max_batch: int | None = None  # the largest batch size a loaded calibration measured (beyond: extrapolation)
-    points: list[tuple[list[float], float, int]] = field(default_factory=list)  # (x, seconds, step)
-    step: int = 0
+    # the statistics, sized by the first observation (the planner also fits models of 2 features)
+    _xx: np.ndarray | None = field(default=None, repr=False)
+    _xy: np.ndarray | None = field(default=None, repr=False)
+    _w: float = 0.0  # the summed weights of all observations
+    _scale: np.ndarray | None = field(default=None, repr=False)  # max |x| seen per feature
     _since_fit: int = 0
 
     def observe(self, x: Sequence[float], seconds: float) -> None:
-        self.points.append((list(x), float(seconds), self.step))
-        self.step += 1
-        if len(self.points) > self.max_points:
-            del self.points[: len(self.points) - self.max_points]
+        x = np.asarray(x, dtype=np.float64)
+        if self._xx is None:
+            self._xx, self._xy, self._scale = np.zeros((len(x), len(x))), np.zeros(len(x)), np.zeros(len(x))
+        age = 0.5 ** (1.0 / self.half_life)  # the weight an observation keeps per later one
+        self._xx *= age
+        self._xx += np.outer(x, x)
+        self._xy *= age
+        self._xy += x * float(seconds)
+        self._w = self._w * age + 1.0
+        np.maximum(self._scale, np.abs(x), out=self._scale)
         self._since_fit += 1
         if self.coef is None or self._since_fit >= self.refit_every:
             self.fit()
 
     def fit(self) -> None:
-        """Refit on the kept points, newest weighted most; keeps the old fit if there is no data."""
-        if not self.points:
+        """Refit on what was observed, newest weighted most; keeps the old fit if there is no data."""
+        if self._w <= 0:
             return
-        X = torch.tensor([p[0] for p in self.points], dtype=torch.float64)
-        y = torch.tensor([p[1] for p in self.points], dtype=torch.float64)
-        age = torch.tensor([self.step - 1 - p[2] for p in self.points], dtype=torch.float64)
-        w = torch.exp(-age * math.log(2) / self.half_life)
-        scale = X.abs().amax(0).clamp(min=1e-12)  # features on one scale, so one ridge fits all
-        Xs = X / scale
-        eye = torch.eye(X.shape[1], dtype=torch.float64)
-        A = Xs.T @ (w[:, None] * Xs) + self.ridge * w.sum() * eye
-        b = Xs.T @ (w * y)
+        scale = np.maximum(self._scale, 1e-12)  # features on one scale, so one ridge fits all
+        A = self._xx / np.outer(scale, scale) + self.ridge * self._w * np.eye(len(scale))
+        b = self._xy / scale
         if self.prior is not None:  # shrink toward the prior where the data say little
-            A = A + self.prior_weight * eye
-            b = b + self.prior_weight * torch.tensor(self.prior, dtype=torch.float64) * scale
-        beta = torch.linalg.solve(A, b) / scale
-        self.coef = beta.tolist()
+            A = A + self.prior_weight * np.eye(len(scale))
+            b = b + self.prior_weight * np.asarray(self.prior, dtype=np.float64) * scale
+        self.coef = (np.linalg.solve(A, b) / scale).tolist()
         self._since_fit = 0
 
     @property
@@ -105,13 +113,13 @@ class LatencyModel:
         return self.coef is not None
 
     def predict(self, x: Sequence[float]) -> float:
-        return float(self.predict_many(torch.tensor([list(x)], dtype=torch.float64))[0])
+        return float(self.predict_many(np.asarray([x], dtype=np.float64))[0])
 
-    def predict_many(self, X: torch.Tensor) -> torch.Tensor:
+    def predict_many(self, X: np.ndarray) -> np.ndarray:
         """Predicted seconds of each row of features X (non-negative)."""
         if self.coef is None:
             raise RuntimeError("LatencyModel.predict before any step was observed or a calibration loaded")
-        return (X.to(torch.float64) @ torch.tensor(self.coef, dtype=torch.float64)).clamp(min=1e-6)
+        return np.maximum(np.asarray(X, dtype=np.float64) @ np.asarray(self.coef), 1e-6)
 
     def mape(self, points: Sequence[tuple[Sequence[float], float]]) -> float:
         """Mean absolute percentage error of the predictions on (features, seconds) pairs."""
@@ -239,11 +247,12 @@ def calibrate(
     held, train = points[:n_hold], points[n_hold:]
     fit = LatencyModel(half_life=float("inf"))
     for x, s, _ in train:
-        fit.points.append((x, s, 0))
+        fit.observe(x, s)
     fit.fit()
     mape = fit.mape([(x, s) for x, s, _ in held])
     full = LatencyModel(half_life=float("inf"))
-    full.points = [(x, s, 0) for x, s, _ in points]
+    for x, s, _ in points:
+        full.observe(x, s)
     full.fit()
     full.half_life = LatencyModel.half_life
     return {

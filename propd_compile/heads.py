@@ -384,22 +384,29 @@ def rank_paths(table: Sequence[Sequence[float]], budget: int) -> list[tuple[tupl
     """Best-first: the `budget - 1` rank paths with the largest products of table[depth][rank].
 
     Every node at depth d has the same children, ranks r with factor table[d][r] in [0, 1]; a
-    path's score is the product along it. Children enter the frontier only after their parent
-    is taken and never score above it, so any prefix of the result is an ancestor-closed tree;
-    paths come out in pop order (scores non-increasing), parents before children.
+    path's score is the product along it. A node enters the frontier only after its parent (as
+    its parent's best child) or its next better sibling was taken, and scores no higher than
+    either, so any prefix of the result is an ancestor-closed tree; paths come out in pop order
+    (scores non-increasing), parents before children. Each pop adds at most two paths to the
+    frontier (the next sibling, the best child), not a node's whole row of children: drafting
+    runs this every step.
     """
     import heapq
 
     if budget <= 1 or not table:
         return []
-    heap = [(-float(s), (r,)) for r, s in enumerate(table[0])]
-    heapq.heapify(heap)
+    order = [sorted(range(len(row)), key=lambda r: -float(row[r])) for row in table]  # ranks, best factor first
+    # (-score, path, index of the path's last rank in its depth's order, the parent's score)
+    heap = [(-float(table[0][order[0][0]]), (order[0][0],), 0, 1.0)]
     out: list[tuple[tuple[int, ...], float]] = []
     while heap and len(out) < budget - 1:
-        neg, path = heapq.heappop(heap)
+        neg, path, k, parent = heapq.heappop(heap)
         out.append((path, -neg))
         d = len(path)
+        if k + 1 < len(order[d - 1]):
+            r = order[d - 1][k + 1]
+            heapq.heappush(heap, (-parent * float(table[d - 1][r]), path[:-1] + (r,), k + 1, parent))
         if d < len(table):
-            for r, s in enumerate(table[d]):
-                heapq.heappush(heap, (neg * float(s), path + (r,)))
+            r = order[d][0]
+            heapq.heappush(heap, (neg * float(table[d][r]), path + (r,), 0, -neg))
     return out

@@ -45,6 +45,7 @@ from __future__ import annotations
 import time
 from typing import Sequence
 
+import numpy as np
 import torch
 
 from propd_compile.acceptance import AcceptanceModel, RankStats
@@ -153,17 +154,17 @@ class TreePlanner:
 
     def step_seconds(self, batch: int, tree: int, kv: int, tokens: int) -> tuple[float, float]:
         """(forward, whole step) seconds predicted for `tokens` real nodes in rows padded to `tree`."""
-        forward, seconds = self._seconds(batch, torch.tensor([tree]), kv, torch.tensor([tokens]))
+        forward, seconds = self._seconds(batch, np.array([tree]), kv, np.array([tokens]))
         return float(forward[0]), float(seconds[0])
 
-    def _seconds(self, batch: int, tree: torch.Tensor, kv: int, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _seconds(self, batch: int, tree: np.ndarray, kv: int, tokens: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """`step_seconds` of many candidate steps (tree, tokens: 1-D) at once."""
-        tree = tree.to(torch.float64)
-        kept = torch.where(tree > 1, tree * self.kept_fraction, torch.ones_like(tree))
+        tree = tree.astype(np.float64)
+        kept = np.where(tree > 1, tree * self.kept_fraction, 1.0)
         forward = self.latency.predict_many(feature_matrix(batch, tree, kept, kv, tokens))
         around = 0.0
         if self.overhead.ready:
-            around = self.overhead.predict_many(torch.stack([torch.ones_like(tree), tokens.to(torch.float64)], 1))
+            around = self.overhead.predict_many(np.stack([np.ones_like(tree), tokens.astype(np.float64)], 1))
         return forward, forward + around
 
     def speculation_seconds(self, rows: int, costly: bool = True) -> float:
@@ -191,12 +192,12 @@ class TreePlanner:
         active = sum(order is not None for order in orders)
         # candidate c adds nodes to candidate c - 1; candidate 0 is the plain step (roots only)
         added, T, rows = self._ragged_additions(gains) if self.ragged else self._shared_additions(gains)
-        expected = active + torch.cat([torch.zeros(1, dtype=torch.float64), added.cumsum(0)])
-        tokens = active + torch.arange(len(T)) if self.ragged else B * T
-        tokens = tokens.clamp(min=1)
+        expected = active + np.concatenate([[0.0], np.cumsum(added)])
+        tokens = active + np.arange(len(T)) if self.ragged else B * T
+        tokens = np.maximum(tokens, 1)
         forward, seconds = self._seconds(B, T, kv, tokens)
         # each candidate adds nodes to the last one: a fit may not make it cheaper
-        forward, seconds = forward.cummax(0).values, seconds.cummax(0).values
+        forward, seconds = np.maximum.accumulate(forward), np.maximum.accumulate(seconds)
         speculation = self.speculation_seconds(active, costly)
         rates = expected / (seconds + speculation)
         c = int(rates.argmax())  # the first best
@@ -256,20 +257,20 @@ class TreePlanner:
         return schedule.speculation.due(), costly
 
     @staticmethod
-    def _ragged_additions(gains: Sequence[Sequence[float]]) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    def _ragged_additions(gains: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray, list[int]]:
         """Ragged steps: one node at a time, the most probable next node of any row. Returns each
         addition's path probability, every candidate's largest row size T, and each addition's row."""
         nodes = sorted((-g[k], k, b) for b, g in enumerate(gains) for k in range(1, len(g)))
-        added = torch.tensor([-n[0] for n in nodes], dtype=torch.float64)
-        T = torch.tensor([1] + [n[1] + 1 for n in nodes]).cummax(0).values
+        added = np.array([-n[0] for n in nodes], dtype=np.float64)
+        T = np.maximum.accumulate(np.array([1] + [n[1] + 1 for n in nodes]))
         return added, T, [n[2] for n in nodes]
 
     @staticmethod
-    def _shared_additions(gains: Sequence[Sequence[float]]) -> tuple[torch.Tensor, torch.Tensor, None]:
+    def _shared_additions(gains: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray, None]:
         """Padded steps: n = 1, 2, ...; each row grows by one node while it has any."""
         depth = max([len(g) for g in gains] + [1])
-        added = torch.tensor([sum(g[n] for g in gains if len(g) > n) for n in range(1, depth)], dtype=torch.float64)
-        return added, torch.arange(1, depth + 1), None
+        added = np.array([sum(g[n] for g in gains if len(g) > n) for n in range(1, depth)], dtype=np.float64)
+        return added, np.arange(1, depth + 1), None
 
     def observe(
         self, trees: Sequence[TokenTree], paths: Sequence[Sequence[int]], seconds: float, batch: int, nodes: int,

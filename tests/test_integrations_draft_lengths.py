@@ -20,7 +20,7 @@ def fitted(per_token: float, draft_step: float, base: float = 0.05) -> LatencyMo
     lat = LatencyModel(half_life=float("inf"))
     for b in (1, 2, 4, 8):
         for t in (1, 1.5, 2, 3, 5, 9):
-            lat.points.append((features(b, t, t, 100), base + per_token * b * t + draft_step * (t > 1), 0))
+            lat.observe(features(b, t, t, 100), base + per_token * b * t + draft_step * (t > 1))
     lat.fit()
     return lat
 
