@@ -37,7 +37,9 @@ def timed_forward(model, config: ProPDConfig, times: list[float], record: list |
     forward = model.propd.forward(config, hidden=build_drafter(config, model).needs_hidden)
     key = next(k for k, v in forwards.items() if v is forward)
 
-    def timed(ids, mask, pos, cache):
+    def timed(ids, mask, pos, cache, last_only=False):
+        if last_only:  # the prompt (prefill), not a verification step
+            return forward(ids, mask, pos, cache, last_only=True)
         if record is not None and ids.shape[1] > 1 and len(times) % every == 0:
             record.append((ids, mask, pos, copy.deepcopy(cache)))
         t0 = time.perf_counter()

@@ -20,7 +20,6 @@ uses). Loading heads next to a model they were not trained for fails and names b
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -127,22 +126,35 @@ class RootBlock(nn.Module):
         return h + self.linear(F.silu(self.inner(torch.cat([h, e.to(h.dtype)], -1))))
 
 
-class _Q8Linear(nn.Module):
-    """A linear layer over the Q8_0 weight nearest to its own, through the block-format kernel
-    (drafting only: see `MedusaHeads.draft_logits`)."""
+class _PackedBlocks(nn.Module):
+    """The heads' residual blocks over the Q8_0 weights nearest to theirs, through the
+    block-format kernel (drafting only: see `MedusaHeads.draft_logits`). Every head's first
+    linear reads the same input (h, or [h; e] with the root token's embedding), so those are
+    stacked into one product: one kernel call for all heads instead of one per head, which is
+    most of what a head costs at one row."""
 
-    def __init__(self, linear: nn.Linear) -> None:
+    def __init__(self, blocks: nn.ModuleList) -> None:
         from propd_compile.kernels.block_linear import nearest_q8_0
 
         super().__init__()
-        self.weight = nearest_q8_0(linear.weight.detach().float())
-        self.bias = None if linear.bias is None else linear.bias.detach().float()
+        self.root_token = isinstance(blocks[0], RootBlock)
+        first = [b.inner if self.root_token else b.linear for b in blocks]
+        self.first = nearest_q8_0(torch.cat([f.weight.detach().float() for f in first]))
+        self.first_bias = torch.cat([f.bias.detach().float() for f in first])
+        # the root-token blocks' second linear, per head
+        self.second = [(nearest_q8_0(b.linear.weight.detach().float()), b.linear.bias.detach().float())
+                       for b in blocks] if self.root_token else []
+        self.num_heads = len(blocks)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, hidden: torch.Tensor, num_heads: int, root: torch.Tensor | None = None) -> torch.Tensor:
+        """[..., H] -> [..., num_heads, H], as `MedusaHeads.features`."""
         from propd_compile.kernels.block_linear import block_linear
 
-        y = block_linear(x, self.weight)
-        return y if self.bias is None else y + self.bias
+        x = torch.cat([hidden, root.to(hidden.dtype)], -1) if self.root_token else hidden
+        a = F.silu(block_linear(x, self.first) + self.first_bias).unflatten(-1, (self.num_heads, -1))[..., :num_heads, :]
+        if not self.root_token:  # h + SiLU(W h + b)
+            return hidden[..., None, :] + a
+        return torch.stack([hidden + block_linear(a[..., k, :], w) + b for k, (w, b) in enumerate(self.second[:num_heads])], -2)
 
 
 class MedusaHeads(nn.Module):
@@ -183,19 +195,18 @@ class MedusaHeads(nn.Module):
                 p.weight.data.copy_(lm_head.weight.detach().float())
         return heads
 
-    def features(
-        self, hidden: torch.Tensor, num_heads: int | None = None, root: torch.Tensor | None = None,
-        blocks: nn.ModuleList | None = None,
-    ) -> torch.Tensor:
+    def features(self, hidden: torch.Tensor, num_heads: int | None = None, root: torch.Tensor | None = None) -> torch.Tensor:
         """[..., H] -> [..., K, H]: each head's residual block applied to the hidden state; `root`
-        [..., E] is the root token's input embedding (needed iff the heads are `root_token`);
-        `blocks` stands in for the heads' own (their packed copies)."""
-        blocks = (self.blocks if blocks is None else blocks)[: num_heads or self.num_heads]
+        [..., E] is the root token's input embedding (needed iff the heads are `root_token`)."""
+        self._check_root(root)
+        blocks = self.blocks[: num_heads or self.num_heads]
         if self.root_token:
-            if root is None:
-                raise ValueError("these heads read the root token: pass root=model.get_input_embeddings()(root_ids)")
             return torch.stack([blk(hidden, root) for blk in blocks], dim=-2)
         return torch.stack([blk(hidden) for blk in blocks], dim=-2)
+
+    def _check_root(self, root: torch.Tensor | None) -> None:
+        if self.root_token and root is None:
+            raise ValueError("these heads read the root token: pass root=model.get_input_embeddings()(root_ids)")
 
     def forward(
         self, hidden: torch.Tensor, lm_head: nn.Module | None = None, num_heads: int | None = None,
@@ -240,7 +251,8 @@ class MedusaHeads(nn.Module):
             from propd_compile.kernels.block_linear import block_linear
 
             blocks, lm = pack
-            z = self.features(hidden, num_heads, root, blocks)
+            self._check_root(root)
+            z = blocks(hidden, num_heads or self.num_heads, root)
             logits = block_linear(z, lm)[..., : len(vocab)]
             return logits if sub_b is None else logits + sub_b, vocab
         z = self.features(hidden, num_heads, root).to(w.dtype)
@@ -256,11 +268,7 @@ class MedusaHeads(nn.Module):
         try:
             rows = torch.cat([sub_w.detach(), sub_w.new_zeros((-len(sub_w) % TILE, sub_w.shape[1]))])
             lm = nearest_q8_0(rows)
-            blocks = copy.deepcopy(self.blocks)
-            for block in blocks:
-                for name, child in list(block.named_children()):
-                    if isinstance(child, nn.Linear):
-                        setattr(block, name, _Q8Linear(child))
+            blocks = _PackedBlocks(self.blocks)
         except ValueError as e:  # a shape the kernel's tiles do not fit
             log.info("draft heads stay fp32: %s", e)
             return ()

@@ -113,13 +113,14 @@ def test_draft_vocabulary_restricts_the_drafts_and_round_trips(tmp_path):
     assert len(tree) == 10 and set(tree.tokens[1:]) <= set(vocab.tolist())
 
 
-def test_packed_draft_logits_follow_the_heads_and_decode_losslessly():
+@pytest.mark.parametrize("root_token", [True, False])
+def test_packed_draft_logits_follow_the_heads_and_decode_losslessly(root_token):
     from propd_compile.kernels.block_linear import available
 
     if not available():
         pytest.skip("the block-format kernel cannot be built on this machine")
     model = tiny_model("llama", seed=2)
-    heads = random_heads(model, 3, root_token=True)
+    heads = random_heads(model, 3, root_token=root_token)
     heads.draft_vocab = torch.arange(6, VOCAB, 2)[:27]  # 27 rows: the packed LM-head rows are padded to whole tiles
     lm, emb = model.get_output_embeddings(), model.get_input_embeddings()
     h, e = torch.randn(5, 32), emb(torch.tensor([1, 2, 3, 4, 5]))
@@ -133,6 +134,8 @@ def test_packed_draft_logits_follow_the_heads_and_decode_losslessly():
         assert heads._draft_weight[4], "the packed path did not run"
         assert torch.equal(ids, packed_ids) and packed.shape == fp32.shape and close(packed, fp32)
         assert not torch.equal(packed, fp32)
+        fewer, _ = heads.draft_logits(h, lm, num_heads=2, root=e, packed=True)  # the drafter's useful depth
+        assert torch.allclose(fewer, packed[:, :2], atol=1e-5)
         heads.blocks[1].linear.weight.mul_(3.0)  # the heads change: the packed copies follow
         fp32_new, _ = heads.draft_logits(h, lm, root=e)
         packed_new, _ = heads.draft_logits(h, lm, root=e, packed=True)

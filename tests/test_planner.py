@@ -255,8 +255,27 @@ def test_costly_drafters_back_off_before_speculation_does():
     _planned_step(planner, POOR, costly=True)
     _planned_step(planner, TokenTree.root_only(1), costly=False)  # no cheap draft: nothing gained
     assert planner.next_step(1) == (False, False)  # plain, and the costly skip counts down meanwhile
-    _planned_step(planner, GOOD, accepted=3, costly=True)
+    _planned_step(planner, GOOD, accepted=3, costly=True)  # 1.6x the plain rate: speculation back on
+    assert planner.next_step(1) == (True, False)  # but less than the cheap tier realized (1.9x): no heads
+
+
+def test_costly_drafters_must_beat_what_the_cheap_tier_realizes():
+    """The costly drafters keep their steps while those realize more than plain steps and, once
+    the cheap tier has been measured, more than it: otherwise the cheap tier takes the steps."""
+    planner = TreePlanner(AcceptanceModel(), fixed_latency(0.05, 0.0, 0.001), max_nodes=3, ragged=True)
+    _plain_steps(planner)
+    for _ in range(8):
+        planner.observe_overhead(1, 0.0, rows=1, speculation=0.02, costly=True)
+        planner.observe_overhead(1, 0.0, rows=1, speculation=0.001, costly=False)
+    _planned_step(planner, GOOD, accepted=3, costly=True)  # 3 tokens in 0.073 s: 2.1x the plain rate
+    assert planner.next_step(1) == (True, True)  # nothing to compare with but plain steps
+    _planned_step(planner, GOOD, accepted=3, costly=False)  # the same tokens without the heads: 2.8x
     assert planner.next_step(1) == (True, True)
+    _planned_step(planner, GOOD, accepted=3, costly=True)
+    assert planner.next_step(1) == (True, False)  # the heads pay against plain steps, not against n-gram alone
+    assert planner.next_step(1) == (True, True)  # tried again after the skip
+    _planned_step(planner, GOOD, accepted=3, costly=True)
+    assert [planner.next_step(1) for _ in range(3)] == [(True, False), (True, False), (True, True)]
 
 
 def test_each_batch_bucket_keeps_its_own_schedule():
