@@ -92,6 +92,10 @@ METHODS: dict[str, Method] = {
     "propd-heads": Method("the propd row with the Medusa heads + n-gram instead of the feature drafter",
                           propd={"compile": True, "drafters": ("heads", "ngram")}),
     "propd-ngram": Method("the propd row with the n-gram drafter alone", propd={"compile": True, "drafters": ("ngram",)}),
+    # A fixed tree beside the dynamic one on the same kernels: the best fixed size at batch 1 on
+    # the project's CPU (examples/tree_size_sweep.py), n-gram drafts only (no heads, no planner).
+    "propd-fixed4": Method("fixed 4-node trees from the n-gram drafter (no heads, no planner), compiled kernels",
+                           propd={"compile": True, "tree": "fixed", "max_tree_nodes": 4, "drafters": ("ngram",)}),
     # What the model's own phrases add to the n-gram drafter (`propd_compile.phrases`).
     "propd-nophrases": Method("the propd row without the phrase corpus (n-gram drafts from the row's own text only)",
                               propd={"compile": True, "phrases": False}),
