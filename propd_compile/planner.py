@@ -28,9 +28,9 @@ happening, none once a tree pays again): first the costly drafters are left out 
 and plan on the cheap drafts alone), then, if those do not pay either, the steps are plain steps
 that neither draft nor plan. The costly drafters are also left out while their steps realize
 less than the cheap tier's did (at batch 1 on the project's CPU the shipped heads lift a
-4-node tree from 2.04 to 2.14 tokens per step for 1.2 ms of an 18 ms step: about even). So decoding with poor drafts, or at batch sizes where no tree pays,
-costs what plain decoding costs, and free drafts still pay where they can. A tree that was
-expected to pay is judged on what speculative steps of its tier realized (a running ratio of
+4-node tree from 2.04 to 2.14 tokens per step for 1.2 ms of an 18 ms step: about even). So
+decoding with poor drafts, or at batch sizes where no tree pays, costs what plain decoding
+costs, and free drafts still pay where they can. A tree that was expected to pay is judged on what speculative steps of its tier realized (a running ratio of
 measured tokens per second to that of recent plain steps), so over-confident expectations back
 off too. Each power-of-two bucket of active rows has its own schedule (`Schedule`): what pays
 at batch 1 says nothing about batch 16. After a speculative step the acceptance model learns
