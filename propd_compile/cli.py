@@ -422,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     c = sub.add_parser("calibrate", help="measure this machine's verification step latency for the dynamic tree")
     c.add_argument("--model", default=DEFAULT_MODEL)
     c.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8])
-    c.add_argument("--tree-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 12, 16, 24, 32, 48, 64])
+    c.add_argument("--tree-sizes", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64])
     c.add_argument("--kv-lengths", type=int, nargs="+", default=[64, 256, 512])
     c.add_argument("--repeats", type=int, default=3)
     c.add_argument("--compile", choices=list(COMPILE), default="off",
@@ -434,7 +434,7 @@ def main(argv: list[str] | None = None) -> int:
     w.add_argument("--model", default=DEFAULT_MODEL)
     w.add_argument("--no-calibrate", action="store_true", help="only build the kernels")
     w.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 2, 4, 8])
-    w.add_argument("--tree-sizes", type=int, nargs="+", default=[1, 2, 4, 8, 12, 16, 24, 32])
+    w.add_argument("--tree-sizes", type=int, nargs="+", default=[1, 2, 3, 4, 6, 8, 12, 16, 24, 32])
     w.add_argument("--kv-lengths", type=int, nargs="+", default=[64, 256, 512])
     w.add_argument("--repeats", type=int, default=3)
     w.add_argument("--threads", type=int, default=None, help="torch CPU threads (kernels and fit are per thread count)")

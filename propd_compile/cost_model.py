@@ -7,9 +7,16 @@ tokens cost 1.6x one, 32 tokens 2x), and a tree (T > 1) takes the model's multi-
 path. With pruning, the deep layers see only the survivors, so the tokens before and after
 pruning are separate features. A ragged step (rows of their own sizes, `propd_compile.ragged`)
 runs its linear layers on the N real nodes only, while attention still sees each row padded to
-the largest tree T, so N and B T are separate features too (N = B T on a padded step):
+the largest tree T, so N and B T are separate features too (N = B T on a padded step). The
+linear layers' cost per token is not one slope: on the project's CPUs the first few rows of a
+GEMM ride along with the weights' read (a 4-node step costs ~1.2x a plain one) and later rows
+cost their arithmetic (~2 ms per row past 4 at batch 1 on a Zen 4 core pair), so N enters
+piecewise linearly, with knots at 4, 8 and 16 tokens. One slope fit over the whole calibration
+grid (up to 512 tokens) predicted a 2-node step at half a plain step's time, and the planner
+chose trees by it:
 
     t ~ b0 + b1 [N > 1] + b2 [T > 1] + b3 B + b4 N + b5 B T_kept + b6 B KV + b7 B T KV
+        + b8 (N - 4)+ + b9 (N - 8)+ + b10 (N - 16)+
 
 The fit is least squares with recency weights exp(-age / half_life * ln 2) (ProPD weights stale
 measurements less), a small ridge term so collinear features (T_kept = T without pruning) stay
@@ -34,7 +41,8 @@ import torch
 
 log = logging.getLogger(__name__)
 
-FEATURES = ("1", "N>1", "T>1", "B", "N", "B*T_kept", "B*KV/1k", "B*T*KV/1k")
+FEATURES = ("1", "N>1", "T>1", "B", "N", "B*T_kept", "B*KV/1k", "B*T*KV/1k", "(N-4)+", "(N-8)+", "(N-16)+")
+KNOTS = (4, 8, 16)  # tokens where the per-token slope may change
 
 
 def features(batch: int, tree: int, kept: float, kv: int, tokens: int | None = None) -> list[float]:
@@ -52,7 +60,7 @@ def feature_matrix(batch: int, tree: np.ndarray, kept: np.ndarray, kv: int, toke
     one = np.ones_like(tree)
     return np.stack([
         one, (tokens > 1).astype(np.float64), (tree > 1).astype(np.float64), batch * one, tokens, batch * kept,
-        batch * kv / 1e3 * one, batch * kv / 1e3 * tree,
+        batch * kv / 1e3 * one, batch * kv / 1e3 * tree, *(np.maximum(tokens - k, 0.0) for k in KNOTS),
     ], 1)
 
 
@@ -212,7 +220,7 @@ def calibrate(
     model: torch.nn.Module,
     forward,
     batch_sizes: Sequence[int] = (1, 2, 4, 8),
-    tree_sizes: Sequence[int] = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64),
+    tree_sizes: Sequence[int] = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64),
     kv_lengths: Sequence[int] = (64, 256, 512),
     repeats: int = 3,
     holdout: float = 0.25,
