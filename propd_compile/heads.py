@@ -154,7 +154,8 @@ class _PackedBlocks(nn.Module):
         a = F.silu(block_linear(x, self.first) + self.first_bias).unflatten(-1, (self.num_heads, -1))[..., :num_heads, :]
         if not self.root_token:  # h + SiLU(W h + b)
             return hidden[..., None, :] + a
-        return torch.stack([hidden + block_linear(a[..., k, :], w) + b for k, (w, b) in enumerate(self.second[:num_heads])], -2)
+        second = self.second[:num_heads]
+        return torch.stack([hidden + block_linear(a[..., k, :], w) + b for k, (w, b) in enumerate(second)], -2)
 
 
 class MedusaHeads(nn.Module):

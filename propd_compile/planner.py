@@ -31,11 +31,12 @@ then it always drafts and plans). The costly drafters are also left out while th
 less than the cheap tier's did (at batch 1 on the project's CPU the shipped heads lift a
 4-node tree from 2.04 to 2.14 tokens per step for 1.2 ms of an 18 ms step: about even). So
 decoding with poor drafts, or at batch sizes where no tree pays, costs what plain decoding
-costs, and free drafts still pay where they can. A tree that was expected to pay is judged on what speculative steps of its tier realized (a running ratio of
-measured tokens per second to that of recent plain steps), so over-confident expectations back
-off too. Each power-of-two bucket of active rows has its own schedule (`Schedule`): what pays
-at batch 1 says nothing about batch 16. After a speculative step the acceptance model learns
-from what was accepted; the latency models learn from every step.
+costs, and free drafts still pay where they can. A tree that was expected to pay is judged on what
+speculative steps of its tier realized (a running ratio of measured tokens per second to that of
+recent plain steps), so over-confident expectations back off too. Each power-of-two bucket of
+active rows has its own schedule (`Schedule`): what pays at batch 1 says nothing about batch 16.
+After a speculative step the acceptance model learns from what was accepted; the latency models
+learn from every step.
 
 Without a saved calibration (`propd calibrate`), or at a batch size larger than it measured, the
 planner measures a few step shapes the first time it sees a batch size (at the current KV length,
@@ -280,7 +281,9 @@ class TreePlanner:
         jitter alone sent the n-gram tier into skips: at batch 1 on the project's CPU, n-gram
         drafting that never backed off realized 1.36x plain steps against 1.27x."""
         model = self.drafting[False]
-        return model.ready and rows in self.plain_seconds and self.speculation_seconds(rows, False) < SKIP_MARGIN * self.plain_seconds[rows]
+        if not model.ready or rows not in self.plain_seconds:
+            return False
+        return self.speculation_seconds(rows, False) < SKIP_MARGIN * self.plain_seconds[rows]
 
     @staticmethod
     def _ragged_additions(gains: Sequence[Sequence[float]]) -> tuple[np.ndarray, np.ndarray, list[int]]:
