@@ -27,27 +27,21 @@ import propd_compile
 from propd_compile import ProPDConfig, models
 from propd_compile.acceptance import AcceptanceModel, RankStats
 from propd_compile.cost_model import LatencyModel, features, measure_step
+from propd_compile.decoding import greedy_accept
 from propd_compile.drafters import FusedDrafter, HeadsDrafter, build_drafter
 from propd_compile.planner import TreePlanner
 from propd_compile.prompts import chat_prompt, mt_bench_sample
-from propd_compile.tree import TokenTree
+from propd_compile.tree import TokenTree, TreeBatch
 
 SIZES = (1, 2, 3, 4, 5, 6, 7, 8, 12, 16, 24, 32)
 
 
 def accepted_path(tree: TokenTree, answer: list[int], k: int) -> list[int]:
-    """The nodes greedy verification accepts when `k` answer tokens are emitted (root: answer[k - 1])."""
-    ok, depths, best = [True] + [False] * (len(tree) - 1), tree.depths, 0
-    for i in range(1, len(tree)):
-        j = k - 1 + depths[i]
-        ok[i] = ok[tree.parents[i]] and j < len(answer) and tree.tokens[i] == answer[j]
-        if ok[i] and depths[i] > depths[best]:
-            best = i
-    path = []
-    while best >= 0:
-        path.append(best)
-        best = tree.parents[best]
-    return path[::-1]
+    """The nodes greedy verification accepts when `k` answer tokens are emitted (root: answer[k - 1]):
+    the decode loop's own rule, the answer's next token standing in for the model's argmax after
+    each node (none past the answer's end)."""
+    after = [answer[k + d] if k + d < len(answer) else -1 for d in tree.depths]
+    return greedy_accept(TreeBatch.stack([tree]), torch.tensor([after]))[0]
 
 
 @torch.no_grad()
@@ -102,31 +96,31 @@ def replay_fixed(answers, trees, clock: Clock, n: int, heads: bool) -> tuple[flo
     return tokens / steps, ms
 
 
-def replay_planner(answers, trees, clock: Clock, heads, config: ProPDConfig) -> tuple[float, float]:
+def replay_planner(answers, trees, clock: Clock, heads: HeadsDrafter, config: ProPDConfig) -> tuple[float, float]:
     """(tokens per step, milliseconds) of the dynamic planner, learning as it goes (one planner
-    for all answers, as in one process), its latency model fit to the clock."""
+    for all answers, as in one process), its latency model fit to the clock; `heads` (the
+    drafter's) records what its heads' ranks verified into the planner's statistics."""
     latency = LatencyModel()
     for n in clock.sizes:
         latency.observe(features(1, int(n), int(n), 256), clock.forward_ms(int(n)) / 1e3)
     latency.fit()
-    rank_stats = RankStats.for_heads(heads, config.heads_topk)  # as `planner.new_planner` starts
-    planner = TreePlanner(AcceptanceModel(rank_stats=rank_stats), latency, config.max_tree_nodes)
+    heads.rank_stats = RankStats.for_heads(heads.heads, config.heads_topk)  # as `planner.new_planner` starts
+    planner = TreePlanner(AcceptanceModel(rank_stats=heads.rank_stats), latency, config.max_tree_nodes)
     tokens = steps = ms = 0.0
     a = clock.args
     for (prompt, answer), per_k in zip(answers, trees):
         planner.start_call()
         k, speculating, costly = 1, True, True
         while k < len(answer):
-            cheap, with_heads, (probs, ids) = per_k[k - 1]
+            cheap, with_heads, top = per_k[k - 1]
             tree = TokenTree.root_only(answer[k - 1])
             if speculating:
                 tree = planner.plan([with_heads if costly else cheap], len(prompt) + k, costly=costly)[0]
             path = accepted_path(tree, answer, k)
             emitted = answer[k : k + len(path)]
             planner.observe([tree], [path], clock.forward_ms(len(tree)) / 1e3, 1, len(tree), len(prompt) + k)
-            if speculating and costly:  # what HeadsDrafter.advance records
-                for d in range(min(len(ids), len(emitted))):
-                    rank_stats.observe(d, ids[d].index(emitted[d]) if emitted[d] in ids[d] else None)
+            heads.top[0] = top if speculating and costly else None  # the heads drafted this step
+            heads.advance(0, emitted)
             step = clock.step_ms(len(tree), speculating, costly, True)
             around = (a.spec_ms if speculating else a.plain_ms) / 1e3
             speculation = (a.ngram_ms + costly * a.heads_ms + a.plan_ms) / 1e3 if speculating else None
@@ -166,7 +160,7 @@ def main() -> None:
     forward_ms = {n: 1e3 * measure_step(model, forward, 1, n, 256, repeats=15) for n in SIZES}
     clock = Clock(forward_ms, args)
     plain_rate = 1.0 / clock.step_ms(1, False, False, False)
-    heads = next(d for d in drafter.drafters if isinstance(d, HeadsDrafter)).heads
+    heads = next(d for d in drafter.drafters if isinstance(d, HeadsDrafter))
     rows = []
     for n in args.fixed:
         for with_heads in (False, True):
