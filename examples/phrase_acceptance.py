@@ -15,8 +15,10 @@ import torch
 
 import propd_compile
 from propd_compile import ProPDConfig, models
+from propd_compile.decoding import greedy_accept
 from propd_compile.drafters import NGramDrafter, phrase_index
 from propd_compile.prompts import chat_prompt, mt_bench_sample
+from propd_compile.tree import TreeBatch
 
 
 def replay(answers: list[tuple[list[int], list[int]]], make, budget: int) -> float:
@@ -28,13 +30,11 @@ def replay(answers: list[tuple[list[int], list[int]]], make, budget: int) -> flo
         t = 0
         while t < len(answer):
             tree = drafter.propose(0, budget)
-            children = {}
-            for i in range(1, len(tree)):
-                children.setdefault(tree.parents[i], {})[tree.tokens[i]] = i
-            node, m = 0, 0
-            while t + m < len(answer) and answer[t + m] in children.get(node, {}):
-                node, m = children[node][answer[t + m]], m + 1
-            emitted = answer[t : t + m + 1]
+            # the decode loop's greedy rule, the answer's next token standing in for the model's
+            # argmax after each node (none past the answer's end)
+            after = [answer[t + d] if t + d < len(answer) else -1 for d in tree.depths]
+            path = greedy_accept(TreeBatch.stack([tree]), torch.tensor([after]))[0]
+            emitted = answer[t : t + len(path)]
             drafter.advance(0, emitted)
             t, steps, tokens = t + len(emitted), steps + 1, tokens + len(emitted)
     return tokens / steps
