@@ -26,8 +26,8 @@ speculation included, is clearly (SKIP_MARGIN) slower per token than a plain ste
 next steps back off one tier (`next_step`: 1, 2, 4, ... up to MAX_SKIP steps while that keeps
 happening, none once a tree pays again): first the costly drafters are left out (steps draft
 and plan on the cheap drafts alone), then, if those do not pay either, the steps are plain steps
-that neither draft nor plan (unless the cheap tier costs less than SKIP_MARGIN of a plain step:
-then it always drafts and plans). The costly drafters are also left out while their steps realize
+that neither draft nor plan (unless the cheap tier costs less than SKIP_MARGIN of a plain step
+and drafts anything at all: then it always drafts and plans). The costly drafters are also left out while their steps realize
 less than the cheap tier's did (at batch 1 on the project's CPU the shipped heads lift a
 4-node tree from 2.04 to 2.14 tokens per step for 1.2 ms of an 18 ms step: about even). So
 decoding with poor drafts, or at batch sizes where no tree pays, costs what plain decoding
@@ -99,6 +99,7 @@ class Schedule:
     def __init__(self) -> None:
         self.costly, self.speculation = Backoff(), Backoff()
         self.realized: dict[bool, float | None] = {True: None, False: None}
+        self.cheap_drafted = True  # the last step on the cheap drafters alone had any draft
 
     def judge(self, costly: bool, pays: bool) -> None:
         """After a speculative step of a tier: the same tier again next step if it paid, else back
@@ -223,6 +224,8 @@ class TreePlanner:
         plain = float(expected[0] / seconds[0])  # a plain step, neither drafted nor planned
         # a step whose best candidate is the plain step paid for speculation and gained nothing
         pays = c > 0 and float(rates[c]) > (1 - SKIP_MARGIN) * plain
+        if not costly:
+            self.schedule(active).cheap_drafted = len(added) > 0
         if not pays:  # a tree expected to pay is judged on what it realizes (`observe_overhead`)
             self.schedule(active).judge(costly, pays=False)
         sizes = _sizes(gains, c, rows)
@@ -270,14 +273,14 @@ class TreePlanner:
         schedule = self.schedule(rows)
         costly = schedule.costly.due()
         speculate = schedule.speculation.due()
-        return speculate or self._cheap_tier_is_free(rows), costly
+        return speculate or (schedule.cheap_drafted and self._cheap_tier_is_free(rows)), costly
 
     def _cheap_tier_is_free(self, rows: int) -> bool:
         """Whether drafting and planning without the costly drafters costs less than SKIP_MARGIN
-        of a plain step measured in this call: then those steps always draft and plan (the plan
-        still picks a plain step when no tree pays), because skipping them saves less than the
-        estimates' own error while the skipped steps miss every draft that would have paid (a
-        long n-gram match appears at once). The back-off's judge reads wall-clock steps, whose
+        of a plain step measured in this call: then, while they draft anything at all, those
+        steps always draft and plan (the plan still picks a plain step when no tree pays),
+        because skipping them saves less than the estimates' own error while the skipped steps
+        miss every draft that would have paid (a long n-gram match appears at once). The back-off's judge reads wall-clock steps, whose
         jitter alone sent the n-gram tier into skips: at batch 1 on the project's CPU, n-gram
         drafting that never backed off realized 1.36x plain steps against 1.27x."""
         model = self.drafting[False]

@@ -154,6 +154,7 @@ def _plain_steps(planner, seconds: float = 0.051, rows: int = 1) -> None:
 
 POOR = TokenTree((1, 2, 3), (-1, 0, 1), (1.0, 0.3, 0.2))
 GOOD = TokenTree((1, 2, 3), (-1, 0, 1), (1.0, 0.99, 0.98))
+WEAK = TokenTree((1, 2), (-1, 0), (1.0, 0.001))
 
 
 def test_speculation_that_does_not_pay_is_skipped_and_probed_again():
@@ -240,7 +241,8 @@ def test_a_row_count_without_measured_plain_steps_gets_one_each_call():
 def test_costly_drafters_back_off_before_speculation_does():
     """Costly drafts that do not pay leave the next steps to the cheap drafters (speculating
     without them), tried again after 1, 2, 4, ... steps; cheap steps that do not pay either make
-    the steps plain unless the cheap tier costs less than SKIP_MARGIN of a plain step; a costly
+    the steps plain unless the cheap tier costs less than SKIP_MARGIN of a plain step and drafts
+    anything at all; a costly
     step that pays brings both back at once, if it beats what the cheap tier realized."""
     planner = TreePlanner(AcceptanceModel(), fixed_latency(0.05, 0.0, 0.001), max_nodes=3, ragged=True)
     _plain_steps(planner)
@@ -254,10 +256,14 @@ def test_costly_drafters_back_off_before_speculation_does():
     _planned_step(planner, POOR, costly=True)
     assert [planner.next_step(1) for _ in range(3)] == [(True, False), (True, False), (True, True)]
     _planned_step(planner, POOR, costly=True)
-    _planned_step(planner, TokenTree.root_only(1), costly=False)  # no cheap draft: nothing gained
-    # but the cheap tier costs 2% of a plain step: it keeps drafting and planning (the plan picks
-    # plain steps while no tree pays), and the costly skip counts down meanwhile
+    planner.plan([WEAK], kv=10, costly=False)
+    assert planner.last_choice["n"] == 1  # a draft that does not pay: the plan picks a plain step
+    _planned_step(planner, WEAK, costly=False)
+    # but the cheap tier costs 2% of a plain step: it keeps drafting and planning, and the costly
+    # skip counts down meanwhile
     assert planner.next_step(1) == (True, False)
+    _planned_step(planner, TokenTree.root_only(1), costly=False)  # no cheap draft at all: nothing gained
+    assert planner.next_step(1) == (False, False)  # plain, however cheap the tier
     _planned_step(planner, GOOD, accepted=3, costly=True)  # 1.6x the plain rate: speculation back on
     assert planner.next_step(1) == (True, False)  # but less than the cheap tier realized (1.9x): no heads
 
